@@ -1,0 +1,72 @@
+"""Which backends exist on this machine, and what ``backend="auto"`` resolves to."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+# Ops with a compiled CUDA implementation in csrc/; the others use Triton on GPU.
+CUDA_OPS = ("greedy_order",)
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_unavailable_reason(device: torch.device):
+    try:
+        importlib.import_module("triton")
+    except ImportError as err:  # pragma: no cover - triton ships with CUDA torch
+        return f"triton is not installed ({err})"
+    if device.type == "cuda" or triton_interpreted():
+        return None
+    return f"tensors are on {device}; Triton runs on CUDA devices, or on CPU only with TRITON_INTERPRET=1"
+
+
+def _cuda_unavailable_reason(device: torch.device, op: str):
+    if op not in CUDA_OPS:
+        return f"`{op}` has no CUDA-extension implementation (only {list(CUDA_OPS)}); use 'triton'"
+    if device.type != "cuda":
+        return f"tensors are on {device}; the CUDA extension runs on CUDA devices only"
+    from . import _cuda
+
+    return _cuda.unavailable_reason()
+
+
+def resolve(backend: str, device: torch.device, op: str) -> str:
+    """Return the concrete backend for ``op`` on ``device``, or raise naming why it cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        for candidate in ("cuda", "triton"):
+            if candidate == "cuda" and op not in CUDA_OPS:
+                continue
+            reason = (
+                _cuda_unavailable_reason(device, op) if candidate == "cuda" else _triton_unavailable_reason(device)
+            )
+            if reason is None:
+                return candidate
+        return "torch"
+    if backend == "triton":
+        reason = _triton_unavailable_reason(device)
+    elif backend == "cuda":
+        reason = _cuda_unavailable_reason(device, op)
+    else:
+        reason = None
+    if reason is not None:
+        raise ValueError(f"`backend={backend!r}` is not available for `{op}`: {reason}")
+    return backend
+
+
+def module(backend: str):
+    """The implementation module of a concrete backend (imported lazily: triton is heavy)."""
+    if backend == "torch":
+        return importlib.import_module("agdo_kernels.reference")
+    if backend == "triton":
+        return importlib.import_module("agdo_kernels.triton")
+    return importlib.import_module("agdo_kernels._cuda")

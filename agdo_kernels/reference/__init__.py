@@ -1,0 +1,5 @@
+"""The torch backend: the CPU path and the float64 test oracle (inputs arrive validated)."""
+
+from .attention import influence_sum, response_block, valid_attention
+
+__all__ = ["valid_attention", "influence_sum", "response_block"]
