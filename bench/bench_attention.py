@@ -1,0 +1,120 @@
+"""S (+O) and I side by side with what a user would otherwise run.
+
+Groups (one per op and shape), each with its baseline:
+- ``valid_attention``: the SDPA forward alone (flash backend on GPU) is the time baseline; beside it
+  (a) eager attention that materialises P and reduces it (what ``output_attentions=True`` costs),
+  (b) stock SDPA with the mask appended to V as an extra column (S per head from any fused kernel),
+  (c) the chunked torch reference, (d) the Triton kernel (GPU only).
+- ``influence``: the same SDPA forward as time baseline; eager column sums, the torch reference, Triton.
+Shapes: the last layer of Dream (H=28, Hkv=4, d=128) and LLaDA (H=Hkv=32, d=128). GPU: bf16, N up to
+8192, B 1 and 8; CPU: float32 at small N only (the interpreter is not a performance backend).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import agdo_kernels
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+MODELS = {"dream": (28, 4, 128), "llada": (32, 32, 128)}
+SIZES = [(b, n) for b in (1, 8) for n in (512, 1024, 2048, 4096, 8192)] if ON_GPU else [(1, 128), (1, 256)]
+# Eager materialises B*H*N*N probabilities (fp32 softmax + bf16 copy); skip it where that cannot fit.
+EAGER_BUDGET_BYTES = 40 * 2**30 if ON_GPU else 2 * 2**30
+
+
+def _inputs(model, B, N):
+    H, Hkv, d = MODELS[model]
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.randn(B, H, N, d, device=DEVICE, dtype=DTYPE, generator=gen)
+    k = torch.randn(B, Hkv, N, d, device=DEVICE, dtype=DTYPE, generator=gen)
+    v = torch.randn(B, Hkv, N, d, device=DEVICE, dtype=DTYPE, generator=gen)
+    unmasked = torch.rand(B, N, device=DEVICE, generator=gen) < 0.5
+    return q, k, v, unmasked
+
+
+def _sdpa(q, k, v):
+    if ON_GPU:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def _eager_probs(q, k):
+    g = q.shape[1] // k.shape[1]
+    logits = torch.matmul(q, k.repeat_interleave(g, 1).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def eager_s_and_o(q, k, v, unmasked):
+    probs = _eager_probs(q, k)
+    s = (probs * unmasked[:, None, None, :]).sum(-1).mean(1)
+    out = torch.matmul(probs.to(v.dtype), v.repeat_interleave(q.shape[1] // k.shape[1], 1))
+    return s, out
+
+
+def sdpa_with_mask_column(q, k, v, unmasked):
+    """S per head as an extra output column: V' = [V | u | 0-pad] (head dim kept a multiple of 8)."""
+    B, Hkv, N, d = v.shape
+    extra = torch.zeros(B, Hkv, N, 8, device=v.device, dtype=v.dtype)
+    extra[..., 0] = unmasked[:, None, :].to(v.dtype)
+    out = _sdpa(q, k, torch.cat([v, extra], dim=-1))
+    return out[..., d].float().mean(1), out[..., :d]
+
+
+def eager_influence(q, k):
+    return _eager_probs(q, k).mean(1).sum(1)
+
+
+def _eager_fits(model, B, N):
+    H = MODELS[model][0]
+    return B * H * N * N * 6 <= EAGER_BUDGET_BYTES
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("B,N", SIZES)
+@pytest.mark.parametrize("impl", ["sdpa_forward", "eager", "sdpa_mask_column", "torch_reference", "triton"])
+def test_valid_attention(measure, model, B, N, impl):
+    q, k, v, unmasked = _inputs(model, B, N)
+    fns = {
+        "sdpa_forward": lambda: _sdpa(q, k, v),
+        "eager": lambda: eager_s_and_o(q, k, v, unmasked),
+        "sdpa_mask_column": lambda: sdpa_with_mask_column(q, k, v, unmasked),
+        "torch_reference": lambda: agdo_kernels.valid_attention(q, k, v, unmasked=unmasked, return_output=True, backend="torch"),
+        "triton": lambda: agdo_kernels.valid_attention(q, k, v, unmasked=unmasked, return_output=True, backend="triton"),
+    }
+    if impl == "triton" and not ON_GPU:
+        pytest.skip("Triton is timed on a GPU only (the CPU interpreter is a correctness tool)")
+    if impl == "eager" and not _eager_fits(model, B, N):
+        pytest.skip("eager attention probabilities would not fit in memory")
+    measure(fns[impl], group=f"valid_attention S+O {model} B={B} N={N} {DTYPE}", impl=impl,
+            baseline=impl == "sdpa_forward", model=model, B=B, N=N)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("B,N", SIZES)
+@pytest.mark.parametrize("impl", ["sdpa_forward", "eager", "torch_reference", "triton"])
+def test_influence(measure, model, B, N, impl):
+    q, k, v, _ = _inputs(model, B, N)
+    # The row lse comes out of the forward pass the model runs anyway; I is the extra pass.
+    lse = agdo_kernels.valid_attention(q, k, unmasked=torch.zeros(B, N, dtype=torch.bool, device=DEVICE),
+                                       return_lse=True, backend="torch").lse
+    fns = {
+        "sdpa_forward": lambda: _sdpa(q, k, v),
+        "eager": lambda: eager_influence(q, k),
+        "torch_reference": lambda: agdo_kernels.influence(q, k, lse=lse, backend="torch"),
+        "triton": lambda: agdo_kernels.influence(q, k, lse=lse, backend="triton"),
+    }
+    if impl == "triton" and not ON_GPU:
+        pytest.skip("Triton is timed on a GPU only (the CPU interpreter is a correctness tool)")
+    if impl == "eager" and not _eager_fits(model, B, N):
+        pytest.skip("eager attention probabilities would not fit in memory")
+    measure(fns[impl], group=f"influence {model} B={B} N={N} {DTYPE}", impl=impl,
+            baseline=impl == "sdpa_forward", model=model, B=B, N=N)

@@ -1,0 +1,90 @@
+"""Benchmark plumbing: time with pytest-benchmark, record peak memory, print ratios side by side.
+
+Every benchmark calls ``measure(fn, group=..., impl=..., baseline=...)``. At the end of the run a table
+per group shows each implementation's median time, its ratio to the group's baseline and its peak
+memory (CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the call; CPU: not
+measured — torch's CPU allocator has no peak counter). ``--bench-report FILE`` also writes the table
+as Markdown, ready for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections import defaultdict
+
+import pytest
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_RESULTS: list[dict] = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-report", default=None, help="write the ratio tables as Markdown to this file")
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_mib(fn):
+    if DEVICE.type != "cuda":
+        return None
+    sync()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+@pytest.fixture
+def measure(benchmark):
+    def run(fn, *, group: str, impl: str, baseline: bool = False, rounds: int = 5, **info):
+        def timed():
+            out = fn()
+            sync()
+            return out
+
+        peak = _peak_mib(timed)
+        benchmark.group = group
+        benchmark.extra_info.update(info, impl=impl, baseline=baseline, peak_mib=peak, device=str(DEVICE))
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+        _RESULTS.append(
+            dict(group=group, impl=impl, baseline=baseline, median_ms=benchmark.stats.stats.median * 1e3, peak_mib=peak)
+        )
+
+    return run
+
+
+def _tables() -> list[str]:
+    groups = defaultdict(list)
+    for row in _RESULTS:
+        groups[row["group"]].append(row)
+    device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else platform.processor() or "cpu"
+    lines = [f"device: {device}, torch {torch.__version__}", ""]
+    for group, rows in groups.items():
+        base = next((r for r in rows if r["baseline"]), None)
+        lines += [f"### {group}", "", "| impl | median ms | time / baseline | peak MiB |", "|---|---|---|---|"]
+        for r in rows:
+            ratio = f"{r['median_ms'] / base['median_ms']:.2f}x" if base else "-"
+            peak = "not measured" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
+            mark = " (baseline)" if r["baseline"] else ""
+            lines.append(f"| {r['impl']}{mark} | {r['median_ms']:.3f} | {ratio} | {peak} |")
+        lines.append("")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if not _RESULTS:
+        return
+    lines = _tables()
+    terminalreporter.section("agdo: side-by-side ratios")
+    for line in lines:
+        terminalreporter.write_line(line)
+    path = config.getoption("--bench-report")
+    if path:
+        with open(path, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
