@@ -52,6 +52,8 @@ def measure(benchmark):
         benchmark.group = group
         benchmark.extra_info.update(info, impl=impl, baseline=baseline, peak_mib=peak, device=str(DEVICE))
         benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+        if benchmark.disabled:  # --benchmark-disable: ran once as a smoke test, nothing timed
+            return
         _RESULTS.append(
             dict(group=group, impl=impl, baseline=baseline, median_ms=benchmark.stats.stats.median * 1e3, peak_mib=peak)
         )
