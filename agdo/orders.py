@@ -1,0 +1,125 @@
+"""Denoising orders: an int step per response token, ``-1`` where the token is not trained.
+
+Every order works on the response region of a left-padded batch (``R = N - response_start`` positions)
+and takes ``trained (B, R)``: the response tokens plus the first ``post_num`` pad/EOS tokens after them
+(see :func:`trained_positions`). Tokens of one step are denoised together; steps are dense ``0..T_b-1``
+per row. Built-ins (SPEC §4): ``attention`` (AGDO, Alg. 1), ``left_to_right``, ``random``,
+``blockwise`` and ``trace`` (TraceRL), each grouping tokens into steps the same way.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+import agdo_kernels
+
+ORDERS = ("attention", "left_to_right", "random", "blockwise", "trace")
+
+
+class AttentionOrder(NamedTuple):
+    steps: torch.Tensor  # (B, R) int32
+    influence: torch.Tensor  # (B, N) float32, I of every key from the same forward
+
+
+def trained_positions(response_ids: torch.Tensor, stop_token_ids, post_num: int) -> torch.Tensor:
+    """``(B, R)`` bool: real response tokens plus the first ``post_num`` stop (pad/EOS) tokens after them.
+
+    A row's response ends at its first stop token; the ``post_num`` tokens from there on teach the model
+    to stop (the paper uses 16 for math, 0 for code). Later stop tokens are never trained.
+    """
+    if post_num < 0:
+        raise ValueError(f"`post_num` must be >= 0, got {post_num}")
+    is_stop = torch.isin(response_ids, torch.as_tensor(list(stop_token_ids), device=response_ids.device))
+    stops_so_far = is_stop.long().cumsum(-1)
+    index = torch.arange(response_ids.shape[1], device=response_ids.device)
+    first_stop = torch.where(is_stop.any(-1), is_stop.long().argmax(-1), response_ids.shape[1])
+    return (stops_so_far == 0) | (index < first_stop[:, None] + post_num)
+
+
+def dense_steps(keys: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+    """Number the distinct ``keys`` of each row densely in increasing order; ``-1`` where not trained."""
+    if keys.numel() == 0:
+        return torch.full_like(keys, -1, dtype=torch.int32)
+    big = torch.iinfo(torch.int64).max
+    keys = torch.where(trained, keys.long(), big)
+    sorted_keys, order = keys.sort(dim=-1, stable=True)
+    new_value = torch.ones_like(sorted_keys, dtype=torch.long)
+    new_value[:, 1:] = (sorted_keys[:, 1:] != sorted_keys[:, :-1]).long()
+    ranks_sorted = new_value.cumsum(-1) - 1
+    steps = torch.empty_like(ranks_sorted).scatter_(-1, order, ranks_sorted)
+    return torch.where(trained, steps, -1).to(torch.int32)
+
+
+def _grouped(rank: torch.Tensor, trained: torch.Tensor, step_size: int, block_size: Optional[int]) -> torch.Tensor:
+    """Group the trained tokens of each row into steps of ``step_size`` by ``rank`` (within blocks)."""
+    if step_size < 1:
+        raise ValueError(f"`step_size` must be >= 1, got {step_size}")
+    # Position among the row's trained tokens when sorted by rank: its index in the denoising sequence.
+    sequence_index = dense_steps(rank, trained).long()
+    round_ = torch.div(sequence_index, step_size, rounding_mode="floor")
+    if block_size is None:
+        return dense_steps(round_, trained)
+    block = torch.arange(trained.shape[1], device=trained.device) // block_size
+    return dense_steps(block * trained.shape[1] + round_, trained)
+
+
+def left_to_right_order(trained, *, step_size=1, block_size=None):
+    """Semi-autoregressive: position order, ``step_size`` tokens a step."""
+    rank = torch.arange(trained.shape[1], device=trained.device).expand_as(trained)
+    return _grouped(rank, trained, step_size, block_size)
+
+
+def random_order(trained, *, step_size=1, block_size=None, generator=None):
+    """A uniformly random order (a fresh permutation per row), ``step_size`` tokens a step."""
+    rank = torch.rand(trained.shape, generator=generator, device=trained.device).argsort(-1).argsort(-1)
+    return _grouped(rank, trained, step_size, block_size)
+
+
+def blockwise_order(trained, *, block_size):
+    """Blockwise (Sun et al.): every block of ``block_size`` positions is one step, left to right."""
+    if block_size is None or block_size < 1:
+        raise ValueError(f"`block_size` must be an int >= 1 for the blockwise order, got {block_size}")
+    block = torch.arange(trained.shape[1], device=trained.device) // block_size
+    return dense_steps(block.expand_as(trained), trained)
+
+
+def trace_order(trace, trained, *, shrink=1):
+    """TraceRL: the rollout's commit step per token, ``shrink`` consecutive decode steps merged."""
+    if shrink < 1:
+        raise ValueError(f"`shrink` must be >= 1, got {shrink}")
+    committed = trained & (trace >= 0)
+    return dense_steps(torch.div(trace.long(), shrink, rounding_mode="floor"), committed)
+
+
+@torch.no_grad()
+def attention_order(
+    adapter,
+    input_ids,
+    attention_mask,
+    *,
+    response_start: int,
+    trained,
+    step_size: int = 1,
+    block_size: Optional[int] = None,
+    block_mode: str = "global",
+    influence_norm: str = "mean",
+) -> AttentionOrder:
+    """AGDO's order (§5.1, Alg. 1): one no-grad forward of the current model over the clean sequence.
+
+    The last layer's head-averaged attention gives ``S0`` (mass on the prompt) and ``Abar_RR``; the greedy
+    starts with ``U`` = the prompt and adds the ``step_size`` tokens with the largest valid attention each
+    round. The same forward returns the influence ``I`` (Eq. 8) over all real query rows.
+    """
+    out = adapter.forward(
+        input_ids,
+        attention_mask,
+        response_start=response_start,
+        influence_query_mask=attention_mask,
+        influence_norm=influence_norm,
+    )
+    steps = agdo_kernels.greedy_order(
+        out.abar_rr, out.s0, valid=trained, step_size=step_size, block_size=block_size, block_mode=block_mode
+    )
+    return AttentionOrder(steps, out.influence)
