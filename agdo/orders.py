@@ -38,31 +38,18 @@ def trained_positions(response_ids: torch.Tensor, stop_token_ids, post_num: int)
     return (stops_so_far == 0) | (index < first_stop[:, None] + post_num)
 
 
-def dense_steps(keys: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
-    """Number the distinct ``keys`` of each row densely in increasing order; ``-1`` where not trained."""
-    if keys.numel() == 0:
-        return torch.full_like(keys, -1, dtype=torch.int32)
-    big = torch.iinfo(torch.int64).max
-    keys = torch.where(trained, keys.long(), big)
-    sorted_keys, order = keys.sort(dim=-1, stable=True)
-    new_value = torch.ones_like(sorted_keys, dtype=torch.long)
-    new_value[:, 1:] = (sorted_keys[:, 1:] != sorted_keys[:, :-1]).long()
-    ranks_sorted = new_value.cumsum(-1) - 1
-    steps = torch.empty_like(ranks_sorted).scatter_(-1, order, ranks_sorted)
-    return torch.where(trained, steps, -1).to(torch.int32)
+def _ranked(rank: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+    return torch.where(trained, rank.long(), -1)
 
 
 def _grouped(rank: torch.Tensor, trained: torch.Tensor, step_size: int, block_size: Optional[int]) -> torch.Tensor:
     """Group the trained tokens of each row into steps of ``step_size`` by ``rank`` (within blocks)."""
     if step_size < 1:
         raise ValueError(f"`step_size` must be >= 1, got {step_size}")
-    # Position among the row's trained tokens when sorted by rank: its index in the denoising sequence.
-    sequence_index = dense_steps(rank, trained).long()
-    round_ = torch.div(sequence_index, step_size, rounding_mode="floor")
-    if block_size is None:
-        return dense_steps(round_, trained)
-    block = torch.arange(trained.shape[1], device=trained.device) // block_size
-    return dense_steps(block * trained.shape[1] + round_, trained)
+    # A token's index in the row's denoising sequence, then ``step_size`` consecutive ones per round.
+    sequence_index = agdo_kernels.dense_steps(_ranked(rank, trained)).long()
+    round_ = torch.where(trained, torch.div(sequence_index, step_size, rounding_mode="floor"), -1)
+    return agdo_kernels.dense_steps(round_, block_size=block_size)
 
 
 def left_to_right_order(trained, *, step_size=1, block_size=None):
@@ -81,16 +68,15 @@ def blockwise_order(trained, *, block_size):
     """Blockwise (Sun et al.): every block of ``block_size`` positions is one step, left to right."""
     if block_size is None or block_size < 1:
         raise ValueError(f"`block_size` must be an int >= 1 for the blockwise order, got {block_size}")
-    block = torch.arange(trained.shape[1], device=trained.device) // block_size
-    return dense_steps(block.expand_as(trained), trained)
+    return agdo_kernels.dense_steps(_ranked(torch.zeros_like(trained, dtype=torch.long), trained), block_size=block_size)
 
 
 def trace_order(trace, trained, *, shrink=1):
     """TraceRL: the rollout's commit step per token, ``shrink`` consecutive decode steps merged."""
     if shrink < 1:
         raise ValueError(f"`shrink` must be >= 1, got {shrink}")
-    committed = trained & (trace >= 0)
-    return dense_steps(torch.div(trace.long(), shrink, rounding_mode="floor"), committed)
+    merged = torch.div(trace.long(), shrink, rounding_mode="floor")
+    return agdo_kernels.dense_steps(_ranked(merged, trained & (trace >= 0)))
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ Public calls (tensors in, tensors out; nothing here knows about models or traini
 - :func:`influence` — influence ``I`` of every key
 - :func:`response_attention` — ``S0`` and ``Abar_RR`` for the response block
 - :func:`greedy_order` — batched greedy attention-guided denoising order (Algorithm 1)
+- :func:`dense_steps` — the step numbering of any order: ``(block, rank)`` pairs → dense steps
 
 Every call takes ``backend="auto" | "torch" | "triton" | "cuda"``; see :func:`available_backends`.
 """
@@ -23,6 +24,7 @@ __all__ = [
     "influence",
     "response_attention",
     "greedy_order",
+    "dense_steps",
     "available_backends",
     "ValidAttention",
     "ResponseAttention",
@@ -167,3 +169,15 @@ def greedy_order(abar_rr, s0, *, valid, step_size, block_size=None, block_mode="
     _checks.check_choice(block_mode, "block_mode", _checks.BLOCK_MODES)
     impl = _backends.module(_backends.resolve(backend, abar_rr.device, "greedy_order"))
     return impl.greedy_order(abar_rr, s0, valid, step_size, block_size, block_mode)
+
+
+def dense_steps(rank, *, block_size=None):
+    """Number each row's ``(position // block_size, rank)`` pairs densely in increasing order → int32.
+
+    The step numbering of Algorithm 1 (lines 11-15) that :func:`greedy_order` ends with, for any order:
+    ``rank (B, R)`` integers, ``-1`` where the token is not ordered (it stays ``-1``). Equal ranks in one
+    block share a step. Runs on the tensors' device with plain torch ops.
+    """
+    _checks.check_tensor(rank, "rank", 2, "(B, R)", dtypes=(torch.int16, torch.int32, torch.int64))
+    block_size = _checks.check_positive_int(block_size, "block_size", allow_none=True)
+    return _backends.module("torch").dense_steps(rank, block_size)

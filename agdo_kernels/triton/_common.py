@@ -1,0 +1,86 @@
+"""Pieces shared by the Triton attention kernels: launcher checks, tuning configs and tile helpers.
+
+Conventions of the kernels: logits are kept in base-2 units (``qk_scale = scale * log2(e)``, so
+``exp(scale * q.k - lse) == exp2(q.k * qk_scale - lse * log2(e))``), dot products accumulate in fp32,
+and every program index is widened to int64 before it multiplies a stride (B*H*N*d can pass 2^31).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backends import triton_interpreted
+
+LOG2E = math.log2(math.e)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_supported(q: torch.Tensor, v: torch.Tensor | None = None) -> None:
+    """Raise for what the kernels cannot tile: head dims that are not 16..256 powers of two, float64."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"the Triton backend takes float32/float16/bfloat16 attention inputs; `q` has dtype {q.dtype}. "
+            'Use backend="torch" for float64.'
+        )
+    for name, t in (("q", q), ("v", v)):
+        if t is not None and t.shape[-1] not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(
+                f"the Triton backend supports head dims {list(SUPPORTED_HEAD_DIMS)}; `{name}` has head dim "
+                f'{t.shape[-1]}. Use backend="torch" for other head dims.'
+            )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products ("ieee"), like torch's default matmul (TF32 off): the fp32
+    path is the accuracy path (it is compared with float64 oracles), while fp16/bf16 use tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def tuning_configs(gpu_configs):
+    """Autotuning candidates ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``; under the interpreter a single
+    small tile so CPU runs stay fast (one config means the autotuner never benchmarks)."""
+    if triton_interpreted():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu_configs
+    ]
+
+
+def tuning_bucket(n: int) -> int:
+    """Autotuning key for a sequence length: the next power of two, so a new ``N`` retunes rarely."""
+    return triton.next_power_of_2(max(n, 1))
+
+
+def as_bytes(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A bool ``(B, N)`` mask as contiguous uint8, the form the kernels load (row ``b`` at ``b * N``)."""
+    return None if mask is None else mask.to(torch.uint8).contiguous()
+
+
+def lse_log2(lse: torch.Tensor) -> torch.Tensor:
+    """Natural-log ``lse (B, H, N)`` as contiguous float32 in base-2 units."""
+    return (lse.to(torch.float32) * LOG2E).contiguous()
+
+
+@triton.jit
+def load_tile(base, rows, n_rows, stride_row, cols, stride_col, CHECK_ROWS: tl.constexpr):
+    """``base[rows, cols]``; rows at or past ``n_rows`` read as 0 when ``CHECK_ROWS``."""
+    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    if CHECK_ROWS:
+        tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def real_keys(mask_row, offs, n, HAS_MASK: tl.constexpr):
+    """True where position ``offs`` exists (``< n``) and, with a mask, is not padding."""
+    inside = offs < n
+    if HAS_MASK:
+        inside = tl.load(mask_row + offs, mask=inside, other=0) != 0
+    return inside

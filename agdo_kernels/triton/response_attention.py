@@ -1,0 +1,114 @@
+"""Response block ``Abar_RR (B, R, R)``: head-averaged probabilities of the response predictor rows on
+the response keys, recomputed tile by tile from the rows' ``lse``.
+
+One program per (block of ``BLOCK_M`` response rows, block of ``BLOCK_N`` response keys, batch) sums
+``p = exp2(q.k * qk_scale - lse2)`` over all ``H`` heads in an fp32 register tile, loading each KV
+head's key tile once for the ``g`` query heads of its group, and writes its tile of the output once:
+memory ``O(B * R^2)``, deterministic. Row ``i`` reads query row ``P + i - shift`` (its predictor).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    LOG2E,
+    as_bytes,
+    check_supported,
+    dot_precision,
+    load_tile,
+    lse_log2,
+    real_keys,
+    tuning_bucket,
+    tuning_configs,
+)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for H100.
+_GPU_CONFIGS = [
+    (128, 128, 8, 3),
+    (128, 64, 4, 3),
+    (64, 128, 4, 3),
+    (64, 64, 4, 3),
+    (128, 128, 8, 2),
+    (64, 64, 4, 2),
+]
+
+
+@triton.autotune(configs=tuning_configs(_GPU_CONFIGS), key=["R_BUCKET", "HEAD_DIM", "HAS_KEY_MASK"])
+@triton.jit
+def _response_block_kernel(
+    q_ptr,
+    k_ptr,
+    lse2_ptr,
+    key_mask_ptr,
+    abar_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    H,
+    GROUP,
+    N,
+    R,
+    R_BUCKET,  # autotuning key only
+    first_key,
+    first_row,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(2).to(tl.int64)
+    offs_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows_inside = offs_i < R
+    q_rows = q_ptr + b * stride_qb + first_row * stride_qn
+    k_rows = k_ptr + b * stride_kb + first_key * stride_kn
+    lse2_rows = lse2_ptr + b * H * N + first_row
+
+    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kv in range(0, H // GROUP):
+        k = load_tile(k_rows + kv * stride_kh, offs_j, R, stride_kn, offs_d, stride_kd, True)
+        for h in range(kv * GROUP, (kv + 1) * GROUP):
+            q = load_tile(q_rows + h * stride_qh, offs_i, R, stride_qn, offs_d, stride_qd, True)
+            lse2 = tl.load(lse2_rows + h * N + offs_i, mask=rows_inside, other=float("inf"))
+            logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            total += tl.math.exp2(logits * qk_scale - lse2[:, None])
+    # With the rows' lse given, padded keys do not change the other keys' p: zero them once here.
+    keys = real_keys(key_mask_ptr + b * N + first_key, offs_j, R, HAS_KEY_MASK)
+    abar = tl.where(keys[None, :], total / H, 0.0)
+    abar_ptrs = abar_ptr + b * R * R + offs_i[:, None] * R + offs_j[None, :]
+    tl.store(abar_ptrs, abar, mask=rows_inside[:, None] & (offs_j < R)[None, :])
+
+
+def response_block(q, k, lse, response_start, attention_mask, shift, scale):
+    """Triton twin of ``reference.attention.response_block``: float32 ``(B, R, R)``."""
+    check_supported(q)
+    B, H, N, d = q.shape
+    Hkv = k.shape[1]
+    R = N - response_start
+    if B * H * R == 0:
+        return torch.zeros(B, R, R, dtype=torch.float32, device=q.device)
+
+    key_mask = as_bytes(attention_mask)
+    abar = torch.empty(B, R, R, dtype=torch.float32, device=q.device)  # every element written
+
+    def grid(meta):
+        return (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_N"]), B)
+
+    _response_block_kernel[grid](
+        q, k, lse_log2(lse), key_mask if key_mask is not None else abar, abar,
+        *q.stride(), *k.stride(),
+        H, H // Hkv, N, R, tuning_bucket(R), response_start, response_start - int(shift), scale * LOG2E,
+        HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
+    )  # fmt: skip
+    return abar

@@ -1,0 +1,219 @@
+"""Valid attention ``S`` (with SDPA's output ``O`` and ``lse`` on request) in one FlashAttention pass.
+
+One program per (block of ``BLOCK_M`` query rows, batch, query head) streams the key blocks with an
+online softmax. Beside the denominator ``l = sum_k p`` it keeps ``u = sum_{k in U} p``, rescaled by the
+same ``exp2(m_old - m_new)`` factor whenever the running max moves, so ``S_h = u / l`` is exact at the
+end. Each program writes its head's ``S_h`` to a small fp32 ``(B, H, N)`` buffer and torch averages over
+heads afterwards: deterministic, no atomics.
+
+Why not one program per GQA group: packing the ``g`` heads of a group into one tile does not cut K/V
+traffic (the number of (query tile, key block) pairs is the same), while programs of the same head run
+side by side on axis 0 of the grid, so a head's K/V blocks are served from L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    LOG2E,
+    as_bytes,
+    check_supported,
+    dot_precision,
+    load_tile,
+    real_keys,
+    tuning_bucket,
+    tuning_configs,
+)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for H100, head dims 64/128; the 64x64 ones keep d=256 in smem.
+_GPU_CONFIGS = [
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),
+    (128, 64, 4, 3),
+    (128, 128, 8, 2),
+    (64, 64, 4, 4),
+    (64, 128, 4, 3),
+    (64, 64, 4, 2),
+]
+
+
+@triton.jit
+def _attend_key_block(
+    acc,
+    row_sum,
+    row_max,
+    unmasked_sum,
+    q,
+    k_base,
+    v_base,
+    key_mask_row,
+    unmasked_row,
+    start_n,
+    N,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    BOUNDARY: tl.constexpr,
+    RETURN_OUTPUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Fold key block ``[start_n, start_n + BLOCK_N)`` into the running softmax state of the query tile."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = load_tile(k_base, offs_n, N, stride_kn, tl.arange(0, HEAD_DIM), stride_kd, BOUNDARY)
+    logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if HAS_KEY_MASK or BOUNDARY:
+        keys = real_keys(key_mask_row, offs_n, N, HAS_KEY_MASK)
+        logits = logits + tl.where(keys, 0.0, float("-inf"))[None, :]
+    new_max = tl.maximum(row_max, tl.max(logits, 1) * qk_scale)
+    # A row that has only seen padded keys keeps max -inf: subtract 0 instead so exp2 gives 0, not NaN.
+    ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+    alpha = tl.math.exp2(row_max - ref)
+    p = tl.math.exp2(logits * qk_scale - ref[:, None])
+    in_u = tl.load(unmasked_row + offs_n, mask=offs_n < N, other=0).to(tl.float32)
+    row_sum = row_sum * alpha + tl.sum(p, 1)
+    unmasked_sum = unmasked_sum * alpha + tl.sum(p * in_u[None, :], 1)
+    if RETURN_OUTPUT:
+        v = load_tile(v_base, offs_n, N, stride_vn, tl.arange(0, DV), stride_vd, BOUNDARY)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, row_sum, new_max, unmasked_sum
+
+
+@triton.autotune(
+    configs=tuning_configs(_GPU_CONFIGS),
+    key=["N_BUCKET", "HEAD_DIM", "DV", "HAS_KEY_MASK", "RETURN_OUTPUT", "RETURN_LSE"],
+)
+@triton.jit
+def _valid_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    key_mask_ptr,
+    unmasked_ptr,
+    s_part_ptr,
+    out_ptr,
+    lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_od,
+    H,
+    GROUP,
+    N,
+    N_BUCKET,  # autotuning key only
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    DV: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    RETURN_OUTPUT: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    kv = h // GROUP
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q = load_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, N, stride_qn, tl.arange(0, HEAD_DIM), stride_qd, True)
+    k_base = k_ptr + b * stride_kb + kv * stride_kh
+    v_base = v_ptr + b * stride_vb + kv * stride_vh
+    key_mask_row = key_mask_ptr + b * N
+    unmasked_row = unmasked_ptr + b * N
+
+    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    unmasked_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    # Whole key blocks skip bounds checks; the ragged tail (if any) is folded in last with them.
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, row_sum, row_max, unmasked_sum = _attend_key_block(
+            acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_mask_row, unmasked_row, start_n, N,
+            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+            HEAD_DIM, DV, BLOCK_N, HAS_KEY_MASK, False, RETURN_OUTPUT, DOT_PRECISION,
+        )  # fmt: skip
+    if n_full < N:
+        acc, row_sum, row_max, unmasked_sum = _attend_key_block(
+            acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_mask_row, unmasked_row, n_full, N,
+            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+            HEAD_DIM, DV, BLOCK_N, HAS_KEY_MASK, True, RETURN_OUTPUT, DOT_PRECISION,
+        )  # fmt: skip
+
+    # Rows without a real key have row_sum 0 (every p was exp2(-inf)): they report S = O = lse = 0.
+    has_keys = row_sum > 0
+    safe_sum = tl.where(has_keys, row_sum, 1.0)
+    rows_inside = offs_m < N
+    s_head = unmasked_sum / safe_sum
+    if HAS_KEY_MASK:  # padded query rows get S = 0 (their O and lse stay SDPA's)
+        s_head = tl.where(real_keys(key_mask_row, offs_m, N, True), s_head, 0.0)
+    tl.store(s_part_ptr + bh * N + offs_m, s_head, mask=rows_inside)
+    if RETURN_LSE:
+        lse = (row_max + tl.math.log2(safe_sum)) * 0.6931471805599453  # base 2 -> natural log
+        tl.store(lse_ptr + bh * N + offs_m, tl.where(has_keys, lse, 0.0), mask=rows_inside)
+    if RETURN_OUTPUT:
+        out = acc / safe_sum[:, None]
+        offs_dv = tl.arange(0, DV)
+        out_ptrs = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=rows_inside[:, None])
+
+
+def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, return_lse):
+    """Triton twin of ``reference.attention.valid_attention``: ``(s, out, lse)`` from one pass."""
+    check_supported(q, v if return_output else None)
+    B, H, N, d = q.shape
+    Hkv = k.shape[1]
+    dv = v.shape[-1] if return_output else d
+    device = q.device
+    if B * H * N == 0:
+        s = torch.zeros(B, N, dtype=torch.float32, device=device)
+        out = torch.zeros(B, H, N, dv, dtype=q.dtype, device=device) if return_output else None
+        lse = torch.zeros(B, H, N, dtype=torch.float32, device=device) if return_lse else None
+        return s, out, lse
+
+    # The kernel writes every element of these (each row once, masked only past N).
+    s_part = torch.empty(B, H, N, dtype=torch.float32, device=device)
+    out = torch.empty(B, H, N, dv, dtype=q.dtype, device=device) if return_output else None
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=device) if return_lse else None
+    key_mask = as_bytes(attention_mask)
+    v_arg = v if return_output else k  # unused stand-ins keep the signature fixed
+    out_arg = out if return_output else s_part
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+
+    _valid_attention_kernel[grid](
+        q, k, v_arg,
+        key_mask if key_mask is not None else s_part,
+        as_bytes(unmasked), s_part, out_arg,
+        lse if return_lse else s_part,
+        *q.stride(), *k.stride(), *v_arg.stride(),
+        *(out.stride() if return_output else (0, 0, 0, 0)),
+        H, H // Hkv, N, tuning_bucket(N), scale * LOG2E,
+        HEAD_DIM=d, DV=dv, HAS_KEY_MASK=key_mask is not None,
+        RETURN_OUTPUT=bool(return_output), RETURN_LSE=bool(return_lse), DOT_PRECISION=dot_precision(q.dtype),
+    )  # fmt: skip
+    s = s_part.sum(1) / H
+    return s, out, lse
