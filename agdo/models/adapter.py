@@ -1,0 +1,318 @@
+"""``DiffusionLMAdapter``: one forward → token-aligned logits and, on request, last-layer AGDO statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from . import _families
+from ._capture import LastLayerCapture, StatisticsRequest
+
+INFLUENCE_NORMS = ("sum", "mean", "max")
+
+
+class AdapterOutput(NamedTuple):
+    """Per-TOKEN outputs; ``None`` for what was not asked.
+
+    logits ``(B, N, V)``: ``logits[:, i]`` predicts token ``i``. s ``(B, N)``: valid attention of each
+    token's predictor row. s0 ``(B, R)``, abar_rr ``(B, R, R)``: response block. influence ``(B, N)``: per key.
+    """
+
+    logits: torch.Tensor
+    s: Optional[torch.Tensor] = None
+    s0: Optional[torch.Tensor] = None
+    abar_rr: Optional[torch.Tensor] = None
+    influence: Optional[torch.Tensor] = None
+
+
+class DiffusionLMAdapter:
+    """A masked diffusion LM with its ids, its shift, and a forward that can capture last-layer statistics.
+
+    Attributes: ``model``, ``tokenizer`` (or None), ``family``, ``mask_token_id``, ``pad_token_id``,
+    ``eos_token_ids`` (tuple), ``shift`` (True: position ``i-1`` predicts token ``i``), ``num_heads``,
+    ``num_kv_heads``, ``head_dim`` (last layer), ``device``, ``vocab_size``, ``stop_token_ids`` (EOS + pad),
+    and ``kernel_backend`` (the ``agdo_kernels`` backend for the statistics, default ``"auto"``).
+    ``token_logits(raw)`` aligns the logits of a direct ``model(...)`` call; prefer ``forward``, which also
+    builds the bidirectional padding mask and the position ids.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        family: str,
+        mask_token_id: int,
+        pad_token_id: int,
+        eos_token_ids: tuple,
+        shift: bool,
+        tokenizer=None,
+        kernel_backend: str = "auto",
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.family = family
+        self._family = _families.FAMILIES[family]
+        self.mask_token_id = int(mask_token_id)
+        self.pad_token_id = int(pad_token_id)
+        self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
+        self.shift = bool(shift)
+        self.kernel_backend = kernel_backend
+        self._target = self._family.last_attention(model)  # fails early, with the reason, if not hookable
+        self.num_heads, self.num_kv_heads, self.head_dim = self._family.attention_shape(model.config)
+        self.vocab_size = int(model.config.vocab_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __call__(self, *args, **kwargs) -> AdapterOutput:
+        return self.forward(*args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        *,
+        unmasked: Optional[torch.Tensor] = None,
+        response_start: Optional[int] = None,
+        influence_query_mask: Optional[torch.Tensor] = None,
+        influence_norm: str = "mean",
+        model: Optional[nn.Module] = None,
+    ) -> AdapterOutput:
+        """One model forward over ``input_ids (B, N)``; last-layer statistics for what is asked.
+
+        Args:
+            attention_mask: ``(B, N)`` bool/0-1, False at padding.
+            unmasked: ``(B, N)`` bool key set ``U`` → ``s``, the valid attention of each token's predictor row.
+            response_start: ``P`` → ``s0, abar_rr`` (``agdo_kernels.response_attention`` with this model's shift).
+            influence_query_mask: ``(B, N)`` bool, the tokens whose predictor rows are the valid query rows of
+                the influence ``I`` (per key); ``influence_norm`` in ``("sum", "mean", "max")``.
+
+            model: the module to run, default ``self.model``; pass the wrapper that accelerate prepared
+                (DDP/FSDP) so its gradient hooks run. It must wrap ``self.model``, whose layers are hooked.
+
+        Under grad the logits carry gradient as usual; statistics never do.
+        """
+        input_ids = _check_ids(input_ids)
+        B, N = input_ids.shape
+        device = input_ids.device
+        attention_mask = _check_mask(attention_mask, "attention_mask", B, N, device)
+        unmasked = _check_mask(unmasked, "unmasked", B, N, device)
+        influence_query_mask = _check_mask(influence_query_mask, "influence_query_mask", B, N, device)
+        if influence_norm not in INFLUENCE_NORMS:
+            raise ValueError(f"`influence_norm` must be one of {INFLUENCE_NORMS}, got {influence_norm!r}")
+        if response_start is not None and not isinstance(response_start, int):
+            raise TypeError(f"`response_start` must be an int, got {type(response_start).__name__}")
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: let the model take its fastest path
+
+        runner = self.model if model is None else model
+        inputs = self._family.model_inputs(self.model, input_ids, attention_mask)
+        if unmasked is None and response_start is None and influence_query_mask is None:
+            return AdapterOutput(self.token_logits(runner(**inputs).logits))
+
+        request = StatisticsRequest(
+            attention_mask=attention_mask,
+            unmasked=unmasked,
+            response_start=response_start,
+            influence_rows=None if influence_query_mask is None else self._predictor_rows(influence_query_mask),
+            influence_norm=influence_norm,
+            shift=self.shift,
+            num_heads=self.num_heads,
+            backend=self.kernel_backend,
+        )
+        capture = LastLayerCapture(request, where=f"{type(self.model).__name__} ({self.family} adapter)")
+        with self._family.hook(self._target, capture):
+            logits = runner(**inputs).logits
+        statistics = capture.result()
+        s = None
+        if statistics.s_rows is not None:
+            s = self._row_to_token(statistics.s_rows)
+            if attention_mask is not None:
+                s = s * attention_mask
+        return AdapterOutput(
+            logits=self.token_logits(logits),
+            s=s,
+            s0=statistics.s0,
+            abar_rr=statistics.abar_rr,
+            influence=statistics.influence,
+        )
+
+    @property
+    def stop_token_ids(self) -> tuple:
+        """EOS ids and the pad id: the tokens that end a response (SPEC §4 ``post_num``)."""
+        return tuple(dict.fromkeys(self.eos_token_ids + (self.pad_token_id,)))
+
+    def token_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Raw ``model(...).logits`` → token-aligned: for shifted models token ``i`` takes row ``i-1``; token 0
+        has no predictor row and keeps row 0 (as Dream's own ``generate`` does)."""
+        if not self.shift:
+            return logits
+        return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+    def _row_to_token(self, per_row: torch.Tensor) -> torch.Tensor:
+        """Row statistic → token statistic; tokens without a predictor row (token 0 when shifted) get 0."""
+        if not self.shift:
+            return per_row
+        return torch.cat([torch.zeros_like(per_row[:, :1]), per_row[:, :-1]], dim=1)
+
+    def _predictor_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token mask → mask of their predictor rows."""
+        if not self.shift:
+            return tokens
+        return torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
+
+
+def _check_ids(input_ids) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"`input_ids` must be an integer tensor of shape (B, N), got {shape}")
+    return input_ids.long()
+
+
+def _check_mask(mask, name: str, B: int, N: int, device) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"`{name}` must be a bool tensor of shape (B={B}, N={N}), got {type(mask).__name__}")
+    if tuple(mask.shape) != (B, N):
+        raise ValueError(f"`{name}` must have shape (B={B}, N={N}) like `input_ids`, got {tuple(mask.shape)}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"`{name}` must be bool (or 0/1 integers), got dtype {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"`{name}` is on {mask.device} but `input_ids` is on {device}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_adapter(
+    model_or_path, *, family: str = "auto", tokenizer=None, **from_pretrained_kwargs
+) -> DiffusionLMAdapter:
+    """Wrap a built ``PreTrainedModel`` or load one from a LOCAL directory (never the hub).
+
+    ``family`` in ``("auto", "generic", "dream", "llada")``; ``"auto"`` reads ``config.model_type`` /
+    ``architectures``. Dream and LLaDA load with ``trust_remote_code=True`` (their code is in the
+    directory). Ids come from the config, then the generation config, then the tokenizer, then the
+    family defaults (see ``_families.FAMILY_DEFAULTS``). ``shift`` comes from ``config.diffusion_shift``
+    when present, otherwise from the family (Dream shifted; LLaDA and generic not).
+    """
+    choices = ("auto",) + tuple(_families.FAMILIES)
+    if family not in choices:
+        raise ValueError(f"`family` must be one of {choices}, got {family!r}")
+    if isinstance(model_or_path, (str, os.PathLike)):
+        path = os.fspath(model_or_path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"load_adapter takes a local model directory (the hub is not used): {path!r}")
+        if family == "auto":
+            family = _families.detect_family(_RawConfig(path))
+        model, tokenizer = _load_from_directory(path, family, tokenizer, from_pretrained_kwargs)
+    elif isinstance(model_or_path, nn.Module) and hasattr(model_or_path, "config"):
+        if from_pretrained_kwargs:
+            raise TypeError(f"from_pretrained kwargs {sorted(from_pretrained_kwargs)} need a path, not a built model")
+        model = model_or_path
+        if family == "auto":
+            family = _families.detect_family(model.config)
+    else:
+        raise TypeError(
+            f"`model_or_path` must be a PreTrainedModel or a local directory, got {type(model_or_path).__name__}"
+        )
+
+    defaults = _families.FAMILY_DEFAULTS[family]
+    eos_token_ids = _eos_token_ids(model, tokenizer, defaults)
+    mask_token_id = _first_id(model, tokenizer, "mask_token_id", defaults)
+    if mask_token_id is None:
+        raise ValueError(
+            f"no mask token id for this {family} model: set `config.mask_token_id` or pass a tokenizer "
+            "with a mask token"
+        )
+    pad_token_id = _first_id(model, tokenizer, "pad_token_id", defaults)
+    if pad_token_id is None:
+        if not eos_token_ids:
+            raise ValueError("no pad token id and no EOS id to pad with: set `config.pad_token_id`")
+        pad_token_id = eos_token_ids[0]
+    shift = getattr(model.config, "diffusion_shift", None)
+    return DiffusionLMAdapter(
+        model,
+        family=family,
+        tokenizer=tokenizer,
+        mask_token_id=mask_token_id,
+        pad_token_id=pad_token_id,
+        eos_token_ids=eos_token_ids,
+        shift=defaults["shift"] if shift is None else shift,
+    )
+
+
+class _RawConfig:
+    """``model_type`` / ``architectures`` of a directory's config.json, read without running its code."""
+
+    def __init__(self, path: str):
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"no config.json in {path!r}")
+        with open(config_file) as f:
+            raw = json.load(f)
+        self.model_type = raw.get("model_type")
+        self.architectures = raw.get("architectures")
+
+
+def _load_from_directory(path: str, family: str, tokenizer, kwargs: dict):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs.setdefault("local_files_only", True)
+    if family in ("dream", "llada"):
+        kwargs.setdefault("trust_remote_code", True)  # their modeling code ships in the directory
+    auto_class = AutoModelForCausalLM if family == "generic" else AutoModel
+    model = auto_class.from_pretrained(path, **kwargs)
+    has_tokenizer = any(
+        os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "tokenizer_config.json")
+    )
+    if tokenizer is None and has_tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, local_files_only=True, trust_remote_code=kwargs.get("trust_remote_code", False)
+        )
+    return model, tokenizer
+
+
+def _sources(model, tokenizer):
+    """Where ids are looked up, in order of authority."""
+    yield model.config
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        yield generation_config
+    if tokenizer is not None:
+        yield tokenizer
+
+
+def _first_id(model, tokenizer, field: str, defaults: dict) -> Optional[int]:
+    for source in _sources(model, tokenizer):
+        value = getattr(source, field, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return defaults.get(field)
+
+
+def _eos_token_ids(model, tokenizer, defaults: dict) -> tuple:
+    """Every EOS id the sources name, plus the family's end-of-turn token (by string via the tokenizer)."""
+    ids = []
+    for source in _sources(model, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, (list, tuple)):
+            ids += value
+        elif value is not None:
+            ids.append(value)
+    if not ids:
+        ids = list(defaults.get("eos_token_ids", ()))
+    if "end_of_turn" in defaults:
+        token, default_id = defaults["end_of_turn"]
+        eot = tokenizer.convert_tokens_to_ids(token) if tokenizer is not None else default_id
+        if eot is not None and eot != getattr(tokenizer, "unk_token_id", None) and eot < model.config.vocab_size:
+            ids.append(eot)
+    return tuple(dict.fromkeys(int(i) for i in ids))

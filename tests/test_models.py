@@ -1,0 +1,311 @@
+"""agdo.models: ids, token alignment, and last-layer statistics checked against EAGER attention in float64.
+
+Fully offline: generic models are built from configs; Dream and LLaDA from the local stand-ins in
+``tests/fixtures`` loaded with ``trust_remote_code`` from a directory.
+"""
+
+import copy
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from agdo.models import AdapterOutput, load_adapter
+from agdo.models._families import position_ids_for
+
+FIXTURES = Path(__file__).parent / "fixtures"
+B, N, P = 2, 12, 5
+VOCAB = 96
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+def generic_model(kind: str):
+    """Bidirectional tiny transformers models: a Dream-like shifted GQA 7:1 and a LLaDA-like unshifted MHA."""
+    common = dict(
+        vocab_size=VOCAB, intermediate_size=128, num_hidden_layers=2, initializer_range=0.2,
+        mask_token_id=95, pad_token_id=90, eos_token_id=[90, 91], is_causal=False,
+    )
+    torch.manual_seed(0)
+    if kind == "qwen2_gqa_shifted":
+        config = Qwen2Config(
+            hidden_size=112, num_attention_heads=7, num_key_value_heads=1, diffusion_shift=True, **common
+        )
+        model = Qwen2ForCausalLM(config)
+    else:
+        config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, **common)
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+def remote_model_dir(root: Path, name: str) -> Path:
+    """A local checkpoint directory of a fixture family: its code, config and random weights."""
+    directory = root / name
+    shutil.copytree(FIXTURES / name, directory)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=True, local_files_only=True)
+    torch.manual_seed(0)
+    AutoModel.from_config(config, trust_remote_code=True).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "qwen2_gqa_shifted": load_adapter(generic_model("qwen2_gqa_shifted")),
+        "llama_mha": load_adapter(generic_model("llama_mha")),
+        "dream": load_adapter(remote_model_dir(root, "tiny_dream")),
+        "llada": load_adapter(remote_model_dir(root, "tiny_llada")),
+    }
+
+
+FAMILY_CASES = ["qwen2_gqa_shifted", "llama_mha", "dream", "llada"]
+SHIFTED = {"qwen2_gqa_shifted": True, "llama_mha": False, "dream": True, "llada": False}
+
+
+def batch(seed=0):
+    """Left-padded prompts (row 1 has 3 pads) and a random unmasked set / query selection."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, 90, (B, N), generator=gen)
+    attention_mask = torch.ones(B, N, dtype=torch.bool)
+    attention_mask[1, :3] = False
+    unmasked = torch.rand(B, N, generator=gen) < 0.5
+    queries = torch.rand(B, N, generator=gen) < 0.5
+    queries[:, :P] = False
+    return input_ids, attention_mask, unmasked, queries
+
+
+# --------------------------------------------------------------------------- eager attention, float64
+
+
+def last_layer_probabilities(adapter, input_ids, attention_mask):
+    """``(B, H, N, N)`` float64 probabilities of the last layer, from eager attention (no adapter code)."""
+    model, family = adapter.model, adapter.family
+    if family == "llada":  # LLaDA has no output_attentions: softmax of the q/k its block receives
+        recorded = {}
+        block = model.model.transformer.blocks[-1]
+        original = block._scaled_dot_product_attention
+
+        def recording(q, k, v, **kwargs):
+            recorded["q"], recorded["k"] = q, k
+            return original(q, k, v, **kwargs)
+
+        block._scaled_dot_product_attention = recording
+        try:
+            model(input_ids, attention_mask=attention_mask.long())
+        finally:
+            del block._scaled_dot_product_attention
+        q, k = recorded["q"].double(), recorded["k"].double()
+        logits = q @ k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).transpose(-1, -2) / q.shape[-1] ** 0.5
+        return torch.softmax(logits.masked_fill(~attention_mask[:, None, None, :], float("-inf")), dim=-1)
+    positions = position_ids_for(attention_mask)
+    if family == "dream":  # its SDPA class falls back to eager for output_attentions
+        bias = torch.zeros(B, 1, 1, N).masked_fill(~attention_mask[:, None, None, :], float("-inf"))
+        out = model(input_ids, attention_mask=bias.expand(B, 1, N, N), position_ids=positions, output_attentions=True)
+    else:
+        eager = copy.deepcopy(model)
+        eager.set_attn_implementation("eager")
+        out = eager(input_ids, attention_mask=attention_mask.long(), position_ids=positions, output_attentions=True)
+    return out.attentions[-1].double()
+
+
+def expected_statistics(probs, attention_mask, unmasked, queries, shift, norm):
+    """Per-token S, (S0, Abar_RR) and I straight from the definitions (SPEC §1-§2)."""
+    abar = probs.mean(1) * attention_mask[:, None, :]
+    rows_valid = attention_mask.double()
+    s_rows = (abar * unmasked[:, None, :]).sum(-1) * rows_valid
+    s = torch.cat([torch.zeros(B, 1, dtype=s_rows.dtype), s_rows[:, :-1]], 1) if shift else s_rows
+    s = s * attention_mask
+    predictor = torch.arange(P, N) - int(shift)
+    both_real = (attention_mask[:, P:] & attention_mask[:, predictor]).double()
+    s0 = abar[:, predictor, :P].sum(-1) * both_real
+    abar_rr = abar[:, predictor, P:] * both_real[..., None]
+    rows = torch.cat([queries[:, 1:], torch.zeros(B, 1, dtype=torch.bool)], 1) if shift else queries
+    rows = (rows & attention_mask).double()
+    influence = (abar * rows[:, :, None]).sum(1)
+    if norm == "mean":
+        influence = influence / rows.sum(-1, keepdim=True)
+    elif norm == "max":
+        influence = influence / influence.amax(-1, keepdim=True)
+    return dict(s=s, s0=s0, abar_rr=abar_rr, influence=influence)
+
+
+# -------------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+@pytest.mark.parametrize("norm", ["mean", "sum", "max"])
+@torch.no_grad()
+def test_statistics_match_eager_attention(adapters, case, norm):
+    adapter = adapters[case]
+    input_ids, attention_mask, unmasked, queries = batch()
+    out = adapter.forward(
+        input_ids, attention_mask, unmasked=unmasked, response_start=P,
+        influence_query_mask=queries, influence_norm=norm,
+    )
+    probs = last_layer_probabilities(adapter, input_ids, attention_mask)
+    expected = expected_statistics(probs, attention_mask, unmasked, queries, SHIFTED[case], norm)
+    for name, value in expected.items():
+        torch.testing.assert_close(getattr(out, name).double(), value, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+@torch.no_grad()
+def test_logits_with_capture_equal_plain_forward_and_are_token_aligned(adapters, case):
+    adapter = adapters[case]
+    input_ids, attention_mask, unmasked, queries = batch(seed=1)
+    plain = adapter.forward(input_ids, attention_mask)
+    assert plain.s is plain.s0 is plain.abar_rr is plain.influence is None
+    for request in (dict(unmasked=unmasked), dict(response_start=P, influence_query_mask=queries)):
+        captured = adapter.forward(input_ids, attention_mask, **request)
+        torch.testing.assert_close(captured.logits, plain.logits, atol=1e-5, rtol=1e-5)
+    raw = adapter.model(input_ids).logits  # no padding: the model's own rows, for the alignment check
+    aligned = adapter.forward(input_ids).logits
+    torch.testing.assert_close(adapter.token_logits(raw), aligned)
+    if SHIFTED[case]:
+        torch.testing.assert_close(aligned[:, 1:], raw[:, :-1])
+        torch.testing.assert_close(aligned[:, 0], raw[:, 0])
+    else:
+        torch.testing.assert_close(aligned, raw)
+
+
+def test_ids_shift_and_shapes_come_from_the_config(adapters):
+    expected = {
+        "qwen2_gqa_shifted": (95, 90, (90, 91), True, (7, 1, 16)),
+        "llama_mha": (95, 90, (90, 91), False, (4, 4, 16)),
+        "dream": (95, 90, (90,), True, (7, 1, 16)),
+        "llada": (95, 91, (91,), False, (4, 4, 16)),
+    }
+    for case, (mask_id, pad_id, eos_ids, shift, shape) in expected.items():
+        adapter = adapters[case]
+        got = (adapter.mask_token_id, adapter.pad_token_id, adapter.eos_token_ids, adapter.shift)
+        assert got == (mask_id, pad_id, eos_ids, shift), case
+        assert (adapter.num_heads, adapter.num_kv_heads, adapter.head_dim) == shape, case
+        assert adapter.stop_token_ids == tuple(dict.fromkeys(eos_ids + (pad_id,)))
+        assert adapter.vocab_size == VOCAB and adapter.device == torch.device("cpu")
+    assert adapters["dream"].family == "dream" and adapters["llada"].family == "llada"
+
+
+def test_family_defaults_fill_only_missing_fields_and_tokenizer_adds_end_of_turn(adapters):
+    tokenizer = SimpleNamespace(
+        mask_token_id=None, pad_token_id=None, eos_token_id=92, unk_token_id=0,
+        convert_tokens_to_ids=lambda token: {"<|eot_id|>": 93}.get(token, 0),
+    )
+    model = copy.deepcopy(adapters["llada"].model)
+    del model.config.mask_token_id
+    adapter = load_adapter(model, tokenizer=tokenizer)
+    assert adapter.mask_token_id == 126336  # LLaDA's default: neither config nor tokenizer has one
+    assert adapter.eos_token_ids == (91, 92, 93)  # config, tokenizer, end-of-turn token by its string
+
+    generic = generic_model("llama_mha")
+    generic.config.mask_token_id = None
+    with pytest.raises(ValueError, match="mask token"):
+        load_adapter(generic)
+
+
+def test_one_forward_and_sdpa_on_every_other_layer(adapters, monkeypatch):
+    from transformers import AttentionInterface
+
+    adapter = adapters["qwen2_gqa_shifted"]
+    calls = {"sdpa": 0, "forward": 0}
+    sdpa = AttentionInterface._global_mapping["sdpa"]
+
+    def counting_sdpa(*args, **kwargs):
+        calls["sdpa"] += 1
+        return sdpa(*args, **kwargs)
+
+    forward = adapter.model.forward
+
+    def counting_forward(*args, **kwargs):
+        calls["forward"] += 1
+        return forward(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", counting_sdpa)
+    monkeypatch.setattr(adapter.model, "forward", counting_forward)
+    input_ids, attention_mask, unmasked, _ = batch()
+    with torch.no_grad():
+        adapter.forward(input_ids, attention_mask, unmasked=unmasked)
+    # Only S asked without grad: valid_attention's output replaces the last layer's SDPA.
+    assert calls == {"sdpa": adapter.model.config.num_hidden_layers - 1, "forward": 1}
+    assert adapter.model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("case", ["qwen2_gqa_shifted", "dream", "llada"])
+def test_training_gradients_unchanged_by_capture(adapters, case):
+    adapter = adapters[case]
+    input_ids, attention_mask, unmasked, queries = batch(seed=2)
+    adapter.model.train()
+    try:
+        grads = []
+        for request in ({}, dict(unmasked=unmasked, response_start=P, influence_query_mask=queries)):
+            adapter.model.zero_grad()
+            out = adapter.forward(input_ids, attention_mask, **request)
+            out.logits.float().logsumexp(-1).mean().backward()
+            grads.append([p.grad.clone() for p in adapter.model.parameters() if p.grad is not None])
+            assert out.s is None or not out.s.requires_grad
+    finally:
+        adapter.model.eval()
+        adapter.model.zero_grad(set_to_none=True)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for plain, captured in zip(*grads):
+        torch.testing.assert_close(captured, plain, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_hooks_are_removed_even_when_the_capture_fails(adapters, case):
+    adapter = adapters[case]
+    target = adapter._target
+    before = dict(vars(target)), adapter.model.config._attn_implementation
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    input_ids, attention_mask, unmasked, _ = batch()
+    adapter.kernel_backend = "no-such-backend"
+    try:
+        with pytest.raises(ValueError, match="backend"):
+            adapter.forward(input_ids, attention_mask, unmasked=unmasked)
+    finally:
+        adapter.kernel_backend = "auto"
+    assert (dict(vars(target)), adapter.model.config._attn_implementation) == before
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa
+
+
+def test_bad_inputs_give_clear_errors(adapters, tmp_path):
+    adapter = adapters["llama_mha"]
+    input_ids, attention_mask, unmasked, _ = batch()
+    with pytest.raises(ValueError, match="attention_mask.*shape"):
+        adapter.forward(input_ids, attention_mask[:, :-1])
+    with pytest.raises(ValueError, match="unmasked.*shape"):
+        adapter.forward(input_ids, attention_mask, unmasked=unmasked.T)
+    with pytest.raises(TypeError, match="unmasked.*bool"):
+        adapter.forward(input_ids, attention_mask, unmasked=unmasked.float())
+    with pytest.raises(ValueError, match="input_ids"):
+        adapter.forward(input_ids[0])
+    with pytest.raises(ValueError, match="influence_norm"):
+        adapter.forward(input_ids, influence_query_mask=unmasked, influence_norm="median")
+    with pytest.raises(ValueError, match="family"):
+        load_adapter(adapter.model, family="gpt")
+    with pytest.raises(FileNotFoundError, match="local"):
+        load_adapter(tmp_path / "missing")
+    with pytest.raises(ValueError, match="LLaDA blocks"):
+        load_adapter(adapter.model, family="llada")
+
+
+def test_generic_model_loads_from_a_local_directory(tmp_path):
+    generic_model("qwen2_gqa_shifted").save_pretrained(tmp_path)
+    adapter = load_adapter(tmp_path)
+    assert (adapter.family, adapter.shift, adapter.mask_token_id) == ("generic", True, 95)
+    assert type(adapter.model).__name__ == "Qwen2ForCausalLM"
+
+
+def test_causal_generic_model_is_rejected():
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, mask_token_id=95))
+    with pytest.raises(ValueError, match="causal"):
+        load_adapter(model)
+
+
+def test_output_is_a_named_tuple():
+    assert AdapterOutput._fields == ("logits", "s", "s0", "abar_rr", "influence")
