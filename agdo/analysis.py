@@ -175,3 +175,49 @@ def plot_s_distribution(s_by_label: Mapping[str, object], path, *, bins: int = 4
     ax.set_ylabel("density")
     ax.legend()
     return _save(figure, path)
+
+
+@torch.no_grad()
+def attention_maps(adapter, result, prompt_mask: torch.Tensor, row: int) -> torch.Tensor:
+    """``(T, R, R)`` last-layer ``Abar_RR`` of one row at every decoding step (Fig. 1's input).
+
+    Step ``t``'s input is rebuilt from the sampler's records (``return_predictions=True``): the response
+    with ``masked[t]`` positions set to the mask token and the rest as they stood before the step. One
+    extra forward per step, for analysis only.
+    """
+    if result.masked is None or result.predictions is None:
+        raise ValueError("attention_maps needs a GenerationResult made with return_predictions=True")
+    P = result.response_start
+    prompt = result.sequences[row : row + 1, :P]
+    states = torch.where(result.masked[:, row], adapter.mask_token_id, result.predictions[:, row])
+    attention_mask = torch.cat([prompt_mask[row : row + 1], torch.ones_like(states[:1], dtype=torch.bool)], dim=1)
+    maps = []
+    for state in states:
+        out = adapter.forward(torch.cat([prompt, state[None]], dim=1), attention_mask, response_start=P)
+        maps.append(out.abar_rr[0].cpu())
+    return torch.stack(maps)
+
+
+def analyze_decoding(adapter, prompt_ids, prompt_mask, sampler_config, output_dir, *, label: str = "model",
+                     map_row: int = 0) -> dict:
+    """Decode, then save Fig. 1 (maps of row ``map_row``), Fig. 2 and Fig. 6 under ``output_dir``.
+
+    Returns the per-token ``s`` and ``delta_p`` (``(B, R)``, NaN where never committed) and the paths.
+    """
+    import dataclasses
+
+    from .sampling import generate
+
+    config = dataclasses.replace(sampler_config, return_s=True, return_token_probs=True, return_predictions=True)
+    result = generate(adapter, prompt_ids, prompt_mask, config)
+    s = commit_s(result.s, result.trace)
+    delta_p = probability_change(result.token_probs, result.trace)
+    output_dir = Path(output_dir)
+    maps = attention_maps(adapter, result, prompt_mask, map_row)
+    paths = {
+        "attention_dynamics": plot_attention_dynamics(maps, output_dir / f"{label}_attention_dynamics.png",
+                                                      commit_steps=result.trace[map_row].cpu()),
+        "s_vs_delta_p": plot_s_vs_delta_p(s, delta_p, output_dir / f"{label}_s_vs_delta_p.png"),
+        "s_distribution": plot_s_distribution({label: s}, output_dir / f"{label}_s_distribution.png"),
+    }
+    return {"s": s, "delta_p": delta_p, "paths": paths, "result": result}

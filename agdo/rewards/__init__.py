@@ -9,6 +9,7 @@
 * ``countdown`` - ``numbers``, ``target``: 1.0 if the final ``<answer>`` equation solves the task.
 * ``sudoku``    - ``puzzle``, ``size``: 1.0 if the final ``<answer>`` grid solves the puzzle.
 * ``code``      - ``prompt``, ``test``, ``entry_point`` (HumanEval format): fraction of tests passed.
+* ``exact``     - ``answer``: 1.0 if the stripped completion equals it (generated tasks).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from agdo.rewards.code import SandboxLimits, code_reward, run_tests_in_sandbox, split_humaneval_tests
+from agdo.rewards.exact import exact_reward
 from agdo.rewards.math import MathVerifier, gsm8k_gold, last_boxed, math_reward
 from agdo.rewards.puzzles import (
     check_countdown,
@@ -33,6 +35,7 @@ REWARDS: dict[str, RewardFunction] = {
     "countdown": countdown_reward,
     "sudoku": sudoku_reward,
     "code": code_reward,
+    "exact": exact_reward,
 }
 
 
@@ -53,6 +56,7 @@ __all__ = [
     "check_sudoku",
     "code_reward",
     "countdown_reward",
+    "exact_reward",
     "generate_countdown",
     "generate_sudoku",
     "get_reward",

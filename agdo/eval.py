@@ -1,0 +1,152 @@
+"""Evaluation: benchmark × decoding settings × seeds → accuracy table (mean ± std over seeds).
+
+A benchmark is a list of records (``agdo.data.load_benchmark`` or generated ones) with the fields its
+reward needs; every record carries ``reward``, the registry name that grades it. Prompts go through the
+tokenizer's chat template when it has one. Each row of a batch decodes with its own generator seeded
+by ``(seed, record index)``, so a problem's result does not depend on the batch it lands in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .rewards import get_reward
+from .sampling import SamplerConfig, generate
+
+MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    model_name_or_path: str = ""
+    family: str = "auto"
+    benchmarks: list = dataclasses.field(default_factory=lambda: ["gsm8k"])
+    data_dir: Optional[str] = None
+    limit: Optional[int] = None
+    algs: list = dataclasses.field(default_factory=lambda: ["max_prob"])
+    seeds: list = dataclasses.field(default_factory=lambda: [0])
+    gen_length: int = 256
+    steps: int = 256
+    block_length: Optional[int] = 32
+    temperature: float = 0.0
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    threshold: Optional[float] = None
+    candidate_threshold: float = 0.9
+    batch_size: int = 8
+    output_dir: str = "runs/eval"
+
+
+def prompt_text(record: dict) -> str:
+    if record.get("reward") == "math":
+        return record["question"] + MATH_INSTRUCTION
+    return record["prompt"]
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(ids, mask)``; the chat template is applied when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        encoded = [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                      tokenize=True)) for t in texts]
+    else:
+        encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.bool)
+    for row, tokens in enumerate(encoded):
+        ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, width - len(tokens):] = True
+    return ids.to(device), mask.to(device)
+
+
+def decode_completion(tokenizer, tokens: torch.Tensor, stop_token_ids) -> str:
+    """Text of a response up to its first stop token."""
+    tokens = tokens.tolist()
+    for i, token in enumerate(tokens):
+        if token in stop_token_ids:
+            tokens = tokens[:i]
+            break
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def evaluate(adapter, records: Sequence[dict], sampler_config: SamplerConfig, *, seed: int, batch_size: int,
+             desc: str = "eval") -> dict:
+    """Decode every record once; returns ``{"accuracy", "scores", "completions"}``."""
+    if not records:
+        raise ValueError("`records` is empty: nothing to evaluate")
+    reward_name = records[0]["reward"]
+    if any(r["reward"] != reward_name for r in records):
+        raise ValueError("all records of one evaluation must share their `reward`")
+    reward = get_reward(reward_name)
+    tokenizer = adapter.tokenizer
+    if tokenizer is None:
+        raise ValueError("evaluation needs an adapter with a tokenizer")
+    was_training = adapter.model.training
+    adapter.model.eval()
+    completions = []
+    for start in tqdm(range(0, len(records), batch_size), desc=desc, leave=False):
+        batch = records[start : start + batch_size]
+        ids, mask = encode_prompts(tokenizer, [prompt_text(r) for r in batch], adapter.device)
+        generators = [torch.Generator(device=adapter.device).manual_seed(seed * 1_000_003 + start + i)
+                      for i in range(len(batch))]
+        result = generate(adapter, ids, mask, sampler_config, generator=generators)
+        completions += [decode_completion(tokenizer, row, adapter.stop_token_ids) for row in result.response]
+    adapter.model.train(was_training)
+    fields = {key: [r.get(key) for r in records] for key in records[0] if key != "reward"}
+    scores = reward(completions, **fields)
+    return {"accuracy": sum(scores) / len(scores), "scores": scores, "completions": completions}
+
+
+def summarize(accuracies: Sequence[float]) -> dict:
+    """Mean and sample standard deviation (0 for a single seed), in percent."""
+    values = [100.0 * a for a in accuracies]
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "seeds": len(values)}
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """Markdown table of ``mean ± std`` cells: one line per (row label), one column per column label."""
+    labels = list(dict.fromkeys(r["row"] for r in rows))
+    cell = {(r["row"], r["column"]): f"{r['mean']:.1f} ± {r['std']:.1f}" for r in rows}
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(cell.get((label, c), "-") for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def run_eval(config: EvalConfig, *, adapter=None) -> str:
+    """Evaluate every benchmark × alg × seed; writes ``results.jsonl`` and returns the Markdown table."""
+    from .data import load_benchmark
+    from .models import load_adapter
+
+    adapter = adapter or load_adapter(config.model_name_or_path, family=config.family)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with open(output_dir / "results.jsonl", "a") as log:
+        for benchmark in config.benchmarks:
+            records = load_benchmark(benchmark, config.data_dir)[: config.limit]
+            for alg in config.algs:
+                sampler = SamplerConfig(
+                    gen_length=config.gen_length, steps=config.steps, block_length=config.block_length,
+                    temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, alg=alg,
+                    threshold=config.threshold, candidate_threshold=config.candidate_threshold,
+                )
+                accuracies = []
+                for seed in config.seeds:
+                    result = evaluate(adapter, records, sampler, seed=seed, batch_size=config.batch_size,
+                                      desc=f"{benchmark}/{alg}/seed{seed}")
+                    accuracies.append(result["accuracy"])
+                    log.write(json.dumps({"benchmark": benchmark, "alg": alg, "seed": seed,
+                                          "accuracy": result["accuracy"], "n": len(records)}) + "\n")
+                rows.append({"row": alg, "column": benchmark, **summarize(accuracies)})
+    return format_table(rows, config.benchmarks)
