@@ -29,8 +29,16 @@ def _coerce(name: str, value: Any, annotation) -> Any:
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"config `{name}` must be a list, got {value!r}")
         return origin(value)
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if annotation is float:
+        # YAML 1.1 (PyYAML) reads `1e-5` (no dot) as a string: accept any text float() parses.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError(f"config `{name}` must be float, got {value!r}")
     if annotation in (int, str, bool) and not (isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))):
         raise TypeError(f"config `{name}` must be {annotation.__name__}, got {value!r}")
     return value

@@ -135,6 +135,19 @@ def _chunks(rows: MaskedRows, size: int):
         yield MaskedRows(*(t[start : start + size] for t in rows))
 
 
+@contextlib.contextmanager
+def _accumulate_only(accelerator: Accelerator, model):
+    """Backward of a chunk that is not the step's last: gradients only accumulate locally (no all-reduce,
+    and under DeepSpeed no engine step), so chunking rows never changes what an optimizer step sees."""
+    sync = accelerator.sync_gradients
+    accelerator.gradient_state._set_sync_gradients(False)
+    try:
+        with accelerator.no_sync(model):
+            yield
+    finally:
+        accelerator.gradient_state._set_sync_gradients(sync)
+
+
 def sft_step(config: SFTConfig, accelerator: Accelerator, adapter, model, batch: dict, epoch: int) -> dict:
     """Forward + backward of one batch; returns metrics. The caller steps the optimizer."""
     model.eval()  # the order comes from the deterministic model (no dropout)
@@ -148,21 +161,26 @@ def sft_step(config: SFTConfig, accelerator: Accelerator, adapter, model, batch:
     loss_sum = 0.0
     for i, chunk in enumerate(chunks):
         last = i == len(chunks) - 1
-        sync = contextlib.nullcontext() if last or not accelerator.sync_gradients else accelerator.no_sync(model)
-        with sync:
+        with contextlib.nullcontext() if last else _accumulate_only(accelerator, model):
             logits = adapter.forward(chunk.input_ids, chunk.attention_mask, model=model).logits
             loss = weighted_nll(logits, chunk.targets, chunk.weights, num_rows=total_rows) * scale
             accelerator.backward(loss)
         loss_sum += loss.item() / scale
-    return {"loss": loss_sum, "rows": total_rows, "supervised_tokens": int((rows.weights > 0).sum())}
+    # Every process holds its share of the step's loss: log the whole (sum over processes).
+    local = torch.tensor([loss_sum, float((rows.weights > 0).sum())], dtype=torch.float64, device=accelerator.device)
+    loss_total, tokens = accelerator.reduce(local, reduction="sum").tolist()
+    return {"loss": loss_total, "rows": total_rows, "supervised_tokens": int(tokens)}
 
 
 def train_sft(config: SFTConfig, *, adapter=None, dataset=None) -> Path:
     """Run SFT; returns the output directory (``final/`` holds the trained model)."""
     from ..models import load_adapter  # the training layer's only entry into the model adapters
 
+    # The schedule counts optimizer steps: stepped once per step here, not by accelerate (which would step
+    # it once per process: N processes would run through warmup and decay N times faster).
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,
     )
     set_seed(config.seed)
     output_dir = Path(config.output_dir)
@@ -178,6 +196,10 @@ def train_sft(config: SFTConfig, *, adapter=None, dataset=None) -> Path:
     total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_train_epochs
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=total_steps)
+    if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed needs it, and sees no DataLoader here
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+            config.per_device_train_batch_size
+        )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     state = {"global_step": 0, "epoch": 0, "batches_done": 0}
@@ -194,6 +216,7 @@ def train_sft(config: SFTConfig, *, adapter=None, dataset=None) -> Path:
 
     progress = tqdm(total=total_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process,
                     desc=f"sft[{config.method}]")
+    window: dict = {}  # metrics of the micro-batches of the current optimizer step
     while state["global_step"] < total_steps:
         epoch = state["epoch"]
         # A fixed permutation per epoch: the data position is just a batch count, and resumes exactly.
@@ -203,11 +226,23 @@ def train_sft(config: SFTConfig, *, adapter=None, dataset=None) -> Path:
         loader = accelerator.skip_first_batches(accelerator.prepare_data_loader(loader), state["batches_done"])
         for batch in loader:
             with accelerator.accumulate(model):
-                metrics = sft_step(config, accelerator, adapter, model, batch, epoch)
+                micro = sft_step(config, accelerator, adapter, model, batch, epoch)
+                # Log the optimizer step, not its last micro-batch: accelerate averages the micro-batch
+                # losses, rows and supervised tokens add up.
+                for key in ("loss", "rows", "supervised_tokens"):
+                    window[key] = window.get(key, 0) + micro[key]
+                window["micro_batches"] = window.get("micro_batches", 0) + 1
+                if accelerator.sync_gradients:
+                    metrics = {"loss": window["loss"] / window["micro_batches"], "rows": window["rows"],
+                               "supervised_tokens": window["supervised_tokens"]}
+                    window = {}
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    if grad_norm is not None:  # DeepSpeed clips inside its step and may not report a norm
+                        metrics["grad_norm"] = float(grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients and not optimizer.step_was_skipped:
+                    scheduler.step()
                 optimizer.zero_grad()
             state["batches_done"] += 1
             if not accelerator.sync_gradients:
@@ -225,9 +260,10 @@ def train_sft(config: SFTConfig, *, adapter=None, dataset=None) -> Path:
             state["batches_done"] = 0
     progress.close()
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # every process: ZeRO-3 gathers the shards here
     if accelerator.is_main_process:
         final = output_dir / "final"
-        accelerator.unwrap_model(model).save_pretrained(final)
+        accelerator.unwrap_model(model).save_pretrained(final, state_dict=state_dict)
         if adapter.tokenizer is not None:
             adapter.tokenizer.save_pretrained(final)
         (final / "trainer_state.json").write_text(json.dumps(state))
