@@ -35,7 +35,7 @@ class QuickstartConfig:
     train_problems: int = 4000
     test_problems: int = 200
     seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
-    pretrain_steps: int = 600
+    pretrain_steps: int = 800
     pretrain_masks_per_sample: int = 4
     posttrain_steps: int = 150
     batch_size: int = 32
