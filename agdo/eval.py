@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .rewards import get_reward
 from .sampling import SamplerConfig, generate
+from .training.sft_data import chat_token_ids
 
 MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -53,8 +54,8 @@ def prompt_text(record: dict) -> str:
 def encode_prompts(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``(ids, mask)``; the chat template is applied when the tokenizer has one."""
     if getattr(tokenizer, "chat_template", None):
-        encoded = [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                      tokenize=True)) for t in texts]
+        encoded = [chat_token_ids(tokenizer, [{"role": "user", "content": t}], add_generation_prompt=True)
+                   for t in texts]
     else:
         encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     width = max(len(ids) for ids in encoded)

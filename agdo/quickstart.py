@@ -35,12 +35,12 @@ class QuickstartConfig:
     train_problems: int = 4000
     test_problems: int = 200
     seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
-    pretrain_steps: int = 800
+    pretrain_steps: int = 2000
     pretrain_masks_per_sample: int = 4
     posttrain_steps: int = 150
     batch_size: int = 32
     learning_rate: float = 1e-3
-    posttrain_learning_rate: float = 2e-4
+    posttrain_learning_rate: float = 1e-4
     block_size: int = 2
     gamma: float = 100.0
     post_num: int = 1

@@ -236,10 +236,10 @@ def train_sft(config: SFTConfig, *, adapter=None, dataset=None) -> Path:
                     metrics = {"loss": window["loss"] / window["micro_batches"], "rows": window["rows"],
                                "supervised_tokens": window["supervised_tokens"]}
                     window = {}
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                    if grad_norm is not None:  # DeepSpeed clips inside its step and may not report a norm
-                        metrics["grad_norm"] = float(grad_norm)
+                    if config.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                        if grad_norm is not None:  # DeepSpeed clips inside its step and may not report a norm
+                            metrics["grad_norm"] = float(grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients and not optimizer.step_was_skipped:
                     scheduler.step()

@@ -15,11 +15,18 @@ import torch
 from torch.utils.data import Dataset
 
 
+def chat_token_ids(tokenizer, messages, *, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of ``messages`` rendered with the tokenizer's chat template (a plain list in every
+    transformers version: 5.x returns a BatchEncoding unless ``return_dict=False``)."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                              return_dict=False))
+
+
 def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
     if getattr(tokenizer, "chat_template", None):
         user = [{"role": "user", "content": prompt}]
-        prompt_ids = list(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True))
-        full = list(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=True))
+        prompt_ids = chat_token_ids(tokenizer, user, add_generation_prompt=True)
+        full = chat_token_ids(tokenizer, user + [{"role": "assistant", "content": response}])
         if full[: len(prompt_ids)] != prompt_ids:
             raise ValueError("the chat template renders the prompt differently with and without the answer")
         response_ids = full[len(prompt_ids) :]

@@ -1,0 +1,98 @@
+"""The command line end to end on tiny settings: quickstart (train, evaluate, plot), eval, analyze."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from agdo import tasks
+from agdo.cli import main
+from agdo.data import data_root
+from agdo.eval import decode_completion, encode_prompts, format_table, summarize
+from agdo.training.sft_data import collate_sft, encode_example
+
+TINY_QUICKSTART = ["digits=2", "train_problems=64", "test_problems=6", "seeds=[0, 1]", "pretrain_steps=3",
+                   "posttrain_steps=3", "batch_size=8", "hidden_size=32", "num_layers=2"]
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    torch.set_num_threads(1)  # tiny matmuls: extra threads only contend on a 2-core machine
+    output_dir = tmp_path_factory.mktemp("quickstart")
+    main(["quickstart", f"output_dir={output_dir}", *TINY_QUICKSTART])
+    return output_dir
+
+
+def test_quickstart_writes_table_models_and_plots(quickstart_run):
+    report = (quickstart_run / "results.md").read_text()
+    for label in ("base (pre-trained)", "AGDO-SFT", "SFT (random masks)", "blockwise SFT"):
+        assert f"| {label} |" in report
+    rows = json.loads((quickstart_run / "results.json").read_text())
+    assert len(rows) == 8 and all(0 <= r["mean"] <= 100 and r["seeds"] == 2 for r in rows)
+    for method in ("agdo", "random", "blockwise"):
+        assert (quickstart_run / method / "final" / "config.json").exists()
+        assert (quickstart_run / method / "metrics.jsonl").exists()
+    pngs = sorted(p.name for p in (quickstart_run / "plots").glob("*.png"))
+    assert "agdo_attention_dynamics.png" in pngs and "s_distribution_base_vs_agdo.png" in pngs
+    assert all((quickstart_run / "plots" / name).stat().st_size > 1000 for name in pngs)
+
+
+def test_quickstart_forward_passes_are_matched(quickstart_run):
+    report = (quickstart_run / "results.md").read_text()
+    counts = {line.split(":")[0]: int(line.split(": ")[1].split()[0]) for line in report.splitlines()
+              if line.startswith("- ") and "forward passes" in line}
+    assert counts["- AGDO-SFT"] == counts["- SFT (random masks)"] == counts["- blockwise SFT"] > 0
+
+
+def test_eval_and_analyze_commands(quickstart_run, tmp_path, capsys):
+    try:
+        data_root(None)
+    except FileNotFoundError:
+        pytest.skip("shared benchmark data folder not found")
+    model = quickstart_run / "agdo" / "final"
+    common = [f"model_name_or_path={model}", "gen_length=4", "steps=4", "block_length=4"]
+    main(["eval", *common, "benchmarks=[gsm8k]", "limit=3", "algs=[max_prob, max_s]", "seeds=[0, 1]",
+          f"output_dir={tmp_path / 'eval'}"])
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "| max_prob |" in table and "| max_s |" in table and "gsm8k" in table
+    lines = (tmp_path / "eval" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and all(json.loads(line)["n"] == 3 for line in lines)
+    main(["analyze", *common, "benchmark=gsm8k", "limit=2", f"output_dir={tmp_path / 'analysis'}"])
+    assert len(list((tmp_path / "analysis").glob("*.png"))) == 3
+    assert "mean S at commit" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_fields():
+    with pytest.raises(SystemExit):
+        main(["sft", "no_such_field=1"])
+
+
+def test_chat_template_prompts_and_responses():
+    tokenizer = tasks.build_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'user' %}={% endif %}" \
+                              "{% endfor %}"
+    prompt_ids, response_ids = encode_example(tokenizer, "12+34", "046")
+    assert tokenizer.decode(prompt_ids) == "12+34=" and tokenizer.decode(response_ids[:-1]) == "046"
+    assert response_ids[-1] == tokenizer.eos_token_id
+    ids, mask = encode_prompts(tokenizer, ["1+2", "10+20"], "cpu")
+    assert mask.tolist()[0][:2] == [False, False] and mask[1].all()  # left-padded
+    assert tokenizer.decode(ids[0][mask[0]].tolist()) == "1+2="
+
+
+def test_collate_and_decode():
+    items = [{"index": 0, "prompt_ids": [4, 5], "response_ids": [6, 2]},
+             {"index": 7, "prompt_ids": [4, 5, 6], "response_ids": [7, 8, 2]}]
+    batch = collate_sft(items, pad_token_id=0, post_num=1)
+    assert batch["response_start"] == 3
+    assert batch["input_ids"].tolist() == [[0, 4, 5, 6, 2, 0, 0], [4, 5, 6, 7, 8, 2, 0]]
+    assert batch["attention_mask"][0].tolist() == [False] + [True] * 6
+    tokenizer = tasks.build_tokenizer()
+    assert decode_completion(tokenizer, torch.tensor([4, 5, 2, 6]), stop_token_ids=(2, 0)) == "12"
+
+
+def test_summary_and_table():
+    stats = summarize([0.5, 0.7])
+    assert stats["mean"] == pytest.approx(60.0) and stats["std"] == pytest.approx(14.142, abs=1e-3)
+    table = format_table([{"row": "a", "column": "x", **stats}], ["x", "y"])
+    assert "| a | 60.0 ± 14.1 | - |" in table
