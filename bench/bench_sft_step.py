@@ -142,7 +142,7 @@ def test_sft_step(measure, case_name, method):
     expected_rows = case["batch"] * case["rows_per_sample"]
 
     def step():
-        metrics = sft_step(config, accelerator, adapter, model, batch, epoch=0)
+        metrics = sft_step(config, accelerator, adapter, model, [batch], epoch=0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return metrics

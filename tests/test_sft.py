@@ -122,20 +122,13 @@ def test_smoke_every_method(tmp_path, method):
 
 @pytest.mark.parametrize("method", ["random", "agdo"])
 def test_gradient_accumulation_equals_larger_batch(tmp_path, method):
-    """2 samples x 2 accumulation steps == 4 samples x 1, exactly, for 2 optimizer steps.
+    """2 samples x 2 accumulation steps == 4 samples x 1, exactly, for 3 optimizer steps.
 
-    The trainer normalises each micro-batch's loss by ITS rows and accelerate averages the micro-batches,
-    so the gradient is ``mean_j (sum of row losses in micro-batch j / rows_j)``. That equals the large
-    batch's ``sum of row losses / total rows`` only when every micro-batch of an optimizer step has the
-    same number of rows. Here it holds: ``random`` gives ``random_masks_per_sample`` rows per sample, and
-    the order methods give one row per step, the same for every sample because every response has the
-    same length (with ``max_steps_per_sample`` below every sample's step count it would hold for any data).
-    With responses of different lengths (or a short last micro-batch) the two runs differ.
-
-    Bitwise equality also needs the same float operations: ``forward_batch_size`` = the rows of one
-    micro-batch (4), so the large batch runs as two forward chunks identical to the two micro-batches,
-    and the scales involved (1/4 · 1/2 vs 1/8) are powers of two. AdamW is nearly invariant to the scale
-    of the gradient, so the logged pre-clipping ``grad_norm`` and loss are compared too.
+    The trainer divides every row's loss by the rows of the whole optimizer step (all micro-batches), so
+    the two runs compute the same sum. Bitwise equality also needs the same float operations:
+    ``forward_batch_size`` = the rows of one micro-batch, so the large batch runs as two forward chunks
+    identical to the two micro-batches. AdamW is nearly invariant to the scale of the gradient, so the
+    logged pre-clipping ``grad_norm`` and loss are compared too.
     """
     rows = {"random": 2, "agdo": 4}[method]
     # A moving schedule: a scheduler stepped per micro-batch instead of per optimizer step shows in lr.
@@ -152,14 +145,11 @@ def test_gradient_accumulation_equals_larger_batch(tmp_path, method):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)  # summed in a different order
 
 
-@pytest.mark.xfail(strict=True, reason="the trainer normalises each micro-batch by its own rows (see above)")
 def test_gradient_accumulation_with_unequal_rows_per_micro_batch(tmp_path):
-    """Known limitation, pinned. Every third response ends one token early (``d d EOS EOS``): the same
-    length, so batches pad identically, but 3 trained tokens instead of 4, so with ``left_to_right`` the
-    micro-batches of a step differ in rows and accumulation weights a row by ``1/(2 rows_j)`` instead of
-    ``1/total rows`` (the step-2 gradient norm is off by ~0.3%). Normalising every micro-batch by the
-    rows of the whole accumulation window makes these runs agree to ~1e-7 (checked by patching), so when
-    the trainer does that this test passes and strict xfail reports it: drop the marker then."""
+    """Micro-batches with different row counts still match the large batch. Every third response ends
+    one token early (``d d EOS EOS``): the same length, so batches pad identically, but 3 trained tokens
+    instead of 4, so with ``left_to_right`` the micro-batches of a step differ in rows. A trainer that
+    normalised each micro-batch by its own rows would be off by ~0.3% in the step-2 gradient norm."""
     logs = []
     for name, batch, accumulation in (("large", 4, 1), ("accum", 2, 2)):
         _reset_accelerate()

@@ -148,16 +148,19 @@ def _accumulate_only(accelerator: Accelerator, model):
         accelerator.gradient_state._set_sync_gradients(sync)
 
 
-def sft_step(config: SFTConfig, accelerator: Accelerator, adapter, model, batch: dict, epoch: int) -> dict:
-    """Forward + backward of one batch; returns metrics. The caller steps the optimizer."""
+def sft_step(config: SFTConfig, accelerator: Accelerator, adapter, model, batches: list, epoch: int) -> dict:
+    """Forward + backward of one optimizer step over its micro-batches; the caller steps the optimizer.
+
+    The loss is the mean over every row of the step — all micro-batches, all processes — so gradient
+    accumulation and N processes give exactly the gradient of one large batch.
+    """
     model.eval()  # the order comes from the deterministic model (no dropout)
-    rows = build_rows(config, adapter, batch, epoch)
+    rows = [build_rows(config, adapter, batch, epoch) for batch in batches]
     model.train()
-    # Normalise by the rows of the whole step across processes, so N processes = one process.
-    local_rows = torch.tensor([rows.input_ids.shape[0]], device=accelerator.device)
-    total_rows = int(accelerator.reduce(local_rows, reduction="sum").item())
+    local = torch.tensor([sum(r.input_ids.shape[0] for r in rows)], device=accelerator.device)
+    total_rows = int(accelerator.reduce(local, reduction="sum").item())
     scale = accelerator.num_processes  # DDP averages gradients over processes
-    chunks = list(_chunks(rows, config.forward_batch_size))
+    chunks = [chunk for micro in rows for chunk in _chunks(micro, config.forward_batch_size)]
     loss_sum = 0.0
     for i, chunk in enumerate(chunks):
         last = i == len(chunks) - 1
@@ -167,21 +170,31 @@ def sft_step(config: SFTConfig, accelerator: Accelerator, adapter, model, batch:
             accelerator.backward(loss)
         loss_sum += loss.item() / scale
     # Every process holds its share of the step's loss: log the whole (sum over processes).
-    local = torch.tensor([loss_sum, float((rows.weights > 0).sum())], dtype=torch.float64, device=accelerator.device)
+    supervised = float(sum(int((r.weights > 0).sum()) for r in rows))
+    local = torch.tensor([loss_sum, supervised], dtype=torch.float64, device=accelerator.device)
     loss_total, tokens = accelerator.reduce(local, reduction="sum").tolist()
     return {"loss": loss_total, "rows": total_rows, "supervised_tokens": int(tokens)}
+
+
+def _windows(loader, size: int):
+    """Consecutive groups of ``size`` batches: the micro-batches of one optimizer step (the last may be short)."""
+    window = []
+    for batch in loader:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
 
 
 def train_sft(config: SFTConfig, *, adapter=None, dataset=None) -> Path:
     """Run SFT; returns the output directory (``final/`` holds the trained model)."""
     from ..models import load_adapter  # the training layer's only entry into the model adapters
 
-    # The schedule counts optimizer steps: stepped once per step here, not by accelerate (which would step
-    # it once per process: N processes would run through warmup and decay N times faster).
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
-        step_scheduler_with_optimizer=False,
-    )
+    # Gradient accumulation is done here (sft_step normalises over the whole window), and the schedule is
+    # stepped once per optimizer step — accelerate would step it once per process.
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False)
     set_seed(config.seed)
     output_dir = Path(config.output_dir)
     if adapter is None:
@@ -216,7 +229,6 @@ def train_sft(config: SFTConfig, *, adapter=None, dataset=None) -> Path:
 
     progress = tqdm(total=total_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process,
                     desc=f"sft[{config.method}]")
-    window: dict = {}  # metrics of the micro-batches of the current optimizer step
     while state["global_step"] < total_steps:
         epoch = state["epoch"]
         # A fixed permutation per epoch: the data position is just a batch count, and resumes exactly.
@@ -224,29 +236,17 @@ def train_sft(config: SFTConfig, *, adapter=None, dataset=None) -> Path:
         loader = DataLoader(dataset, batch_size=config.per_device_train_batch_size, sampler=permutation.tolist(),
                             collate_fn=collate)
         loader = accelerator.skip_first_batches(accelerator.prepare_data_loader(loader), state["batches_done"])
-        for batch in loader:
-            with accelerator.accumulate(model):
-                micro = sft_step(config, accelerator, adapter, model, batch, epoch)
-                # Log the optimizer step, not its last micro-batch: accelerate averages the micro-batch
-                # losses, rows and supervised tokens add up.
-                for key in ("loss", "rows", "supervised_tokens"):
-                    window[key] = window.get(key, 0) + micro[key]
-                window["micro_batches"] = window.get("micro_batches", 0) + 1
-                if accelerator.sync_gradients:
-                    metrics = {"loss": window["loss"] / window["micro_batches"], "rows": window["rows"],
-                               "supervised_tokens": window["supervised_tokens"]}
-                    window = {}
-                    if config.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                        if grad_norm is not None:  # DeepSpeed clips inside its step and may not report a norm
-                            metrics["grad_norm"] = float(grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients and not optimizer.step_was_skipped:
-                    scheduler.step()
-                optimizer.zero_grad()
-            state["batches_done"] += 1
-            if not accelerator.sync_gradients:
-                continue
+        for window in _windows(loader, config.gradient_accumulation_steps):
+            metrics = sft_step(config, accelerator, adapter, model, window, epoch)
+            if config.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                if grad_norm is not None:  # DeepSpeed clips inside its step and may not report a norm
+                    metrics["grad_norm"] = float(grad_norm)
+            optimizer.step()
+            if not optimizer.step_was_skipped:
+                scheduler.step()
+            optimizer.zero_grad()
+            state["batches_done"] += len(window)
             state["global_step"] += 1
             progress.update(1)
             if state["global_step"] % config.logging_steps == 0:
