@@ -204,6 +204,7 @@ def train_sft(config: SFTConfig, *, adapter=None, dataset=None) -> Path:
                                         config.max_response_length)
     model = adapter.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    effective_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     batches_per_epoch = math.ceil(len(dataset) / (config.per_device_train_batch_size * accelerator.num_processes))
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
     total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_train_epochs
@@ -224,6 +225,12 @@ def train_sft(config: SFTConfig, *, adapter=None, dataset=None) -> Path:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.json")
+    accelerator.print(
+        f"sft: method={config.method} gamma={config.gamma} influence_norm={config.influence_norm} "
+        f"step_size={config.step_size} block_size={config.block_size} post_num={config.post_num}; "
+        f"{accelerator.num_processes} process(es) x {config.per_device_train_batch_size} samples x "
+        f"{config.gradient_accumulation_steps} accumulation = {effective_batch} samples per step, {total_steps} steps"
+    )
     logger = MetricsLogger(output_dir, enabled=accelerator.is_main_process, report_to=config.report_to)
     collate = lambda items: collate_sft(items, pad_token_id=adapter.pad_token_id, post_num=config.post_num)  # noqa: E731
 
