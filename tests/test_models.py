@@ -309,3 +309,23 @@ def test_causal_generic_model_is_rejected():
 
 def test_output_is_a_named_tuple():
     assert AdapterOutput._fields == ("logits", "s", "s0", "abar_rr", "influence")
+
+
+def test_mask_check_accepts_key_padding_and_rejects_other_masks():
+    from agdo.models._capture import check_key_padding_only
+
+    B, N = 2, 6
+    lowest = torch.finfo(torch.float32).min
+    real = torch.ones(B, N, dtype=torch.bool)
+    real[1, :2] = False
+    padding = torch.zeros(B, 1, N, N).masked_fill(~real[:, None, None, :], lowest)
+    check_key_padding_only(padding, False, real, "test")
+    check_key_padding_only(padding[:, :, :1], False, real, "test")  # one row broadcast to all queries
+    causal = padding.masked_fill(~torch.ones(N, N, dtype=torch.bool).tril(), lowest)
+    sliding = padding.masked_fill(torch.ones(N, N, dtype=torch.bool).triu(3), lowest)
+    unpadded = torch.zeros(B, 1, 1, N)
+    for mask in (causal, sliding, unpadded):
+        with pytest.raises(ValueError, match="not bidirectional key padding"):
+            check_key_padding_only(mask, False, real, "test")
+    with pytest.raises(ValueError, match="attends causally"):
+        check_key_padding_only(None, True, None, "test")

@@ -61,11 +61,17 @@ def check_key_padding_only(attn_mask, is_causal, attention_mask, where: str) -> 
                 "model (set `config.is_causal = False`, or `is_causal = False` on the attention modules)"
             )
         return
-    allowed = _allowed_keys(attn_mask)
+    # The first and last query rows are enough to catch a causal or sliding-window mask, and keep the check
+    # O(B * N) instead of materialising (B, N, N) booleans.
+    rows = attn_mask.shape[-2]
+    edges = [0, rows - 1] if rows > 1 else [0]
+    allowed = _allowed_keys(attn_mask[..., edges, :])
     B, N = allowed.shape[0], allowed.shape[-1]
     keys = torch.ones(B, N, dtype=torch.bool, device=allowed.device) if attention_mask is None else attention_mask
     # Rows of padded queries are not compared: models differ there (key-only vs row-and-column masks).
-    wrong = (allowed != keys[:, None, None, :]) & keys[:, None, :, None]
+    # A single mask row is broadcast to every query, so it is always compared.
+    query_real = keys[:, edges] if rows > 1 else torch.ones(B, 1, dtype=torch.bool, device=keys.device)
+    wrong = (allowed != keys[:, None, None, :]) & query_real[:, None, :, None]
     if bool(wrong.any()):
         raise ValueError(
             f"{where}: the last layer's attention mask is not bidirectional key padding (causal, sliding-window "
