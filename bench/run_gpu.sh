@@ -10,8 +10,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-.}"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu_device.txt"
-python3 -m pip install --no-deps --no-build-isolation -e . 2>&1 | tail -n 3
-AGDO_BUILD_CUDA=1 python3 setup.py build_ext --inplace 2>&1 | tail -n 3
+AGDO_BUILD_CUDA=1 python3 -m pip install --no-deps --no-build-isolation -e . 2>&1 | tail -n 3
 python3 -c "import agdo_kernels, json; print(json.dumps(agdo_kernels.available_backends('cuda'), indent=1))"
 python3 -m pytest tests/test_valid_attention.py tests/test_influence.py tests/test_response_attention.py \
     tests/test_greedy_order.py tests/test_triton_attention.py tests/test_models.py -q -ra 2>&1 | tee "$out/gpu_tests.log" | tail -n 25
