@@ -7,14 +7,13 @@ Variants, same model and batch:
 - ``eager_attentions``: the model switched to eager with ``output_attentions=True``, ``S`` from the returned
   last-layer probabilities (what one would do without the adapter).
 
-Time comes from pytest-benchmark; peak memory of one run (above what the model already holds) is in
-``extra_info`` (CUDA: allocator peak; CPU: peak RSS via /proc/self/clear_refs). Cases: a tiny model on
+Time and peak memory come from the ``measure`` fixture (bench/conftest.py). Cases: a tiny model on
 CPU, and on a GPU (skipped without one) a Dream-shaped bf16 model: the real last-layer shape (H=28,
 Hkv=4, d=128, hidden 3584, vocab 152064) with few layers, so that random init is quick. Capture costs
 one layer's attention statistics whatever the depth, so its share of a 28-layer forward is roughly
 ``layers / 28`` of the share measured here. Target: capture within 5% of ``sdpa``.
 
-Run: ``pytest bench/bench_capture.py`` (``--benchmark-group-by=group`` for one table per case).
+Run: ``pytest bench/bench_capture.py``.
 """
 
 from contextlib import contextmanager
@@ -101,38 +100,12 @@ def make_step(adapter, variant, case):
     return {"sdpa": sdpa, "capture": capture, "eager_attentions": eager_attentions}[variant]
 
 
-def peak_memory_mb(step, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS watermark
-    except OSError:
-        return None
-    base = _proc_status_kb("VmRSS")
-    step()
-    return (_proc_status_kb("VmHWM") - base) / 1024
-
-
-def _proc_status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 _ADAPTERS = {}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case_name", list(CASES))
-def test_capture_overhead(benchmark, case_name, variant):
+def test_capture_overhead(measure, case_name, variant):
     case = CASES[case_name]
     if case["device"] == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
@@ -141,19 +114,8 @@ def test_capture_overhead(benchmark, case_name, variant):
         _ADAPTERS[case_name] = build_adapter(case)
     adapter = _ADAPTERS[case_name]
     step = make_step(adapter, variant, case)
-    sync = torch.cuda.synchronize if case["device"] == "cuda" else (lambda: None)
-
-    def timed():
-        step()
-        sync()
-
     with torch.no_grad():
-        timed()  # warm-up (kernel compilation, allocator)
-        benchmark.group = f"capture: {case_name}"
-        benchmark.extra_info.update(
-            peak_memory_mb=peak_memory_mb(step, case["device"]),
-            kernel_backend=adapter.kernel_backend,
-            layers=case["layers"],
-            shape=f"B={case['batch']} N={case['length']} H={case['heads']} Hkv={case['kv_heads']}",
-        )
-        benchmark.pedantic(timed, rounds=5 if case["device"] == "cpu" else 10, warmup_rounds=1)
+        measure(step, group=f"capture: {case_name}", impl=variant, baseline=variant == "sdpa",
+                rounds=5 if case["device"] == "cpu" else 10, kernel_backend=adapter.kernel_backend,
+                layers=case["layers"],
+                shape=f"B={case['batch']} N={case['length']} H={case['heads']} Hkv={case['kv_heads']}")

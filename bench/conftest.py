@@ -2,9 +2,9 @@
 
 Every benchmark calls ``measure(fn, group=..., impl=..., baseline=...)``. At the end of the run a table
 per group shows each implementation's median time, its ratio to the group's baseline and its peak
-memory (CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the call; CPU: not
-measured — torch's CPU allocator has no peak counter). ``--bench-report FILE`` also writes the table
-as Markdown, ready for bench/RESULTS.md.
+memory (CUDA: the allocator's peak above what was allocated before the call; CPU: not measured — the
+resident set hides reuse of freed memory). ``--bench-report FILE`` also writes the table as Markdown,
+ready for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def sync():
 
 
 def _peak_mib(fn):
+    """CUDA allocator peak of one call above what was allocated before it; None on CPU, where the
+    resident set hides reuse of freed memory and torch keeps no peak counter."""
     if DEVICE.type != "cuda":
         return None
     sync()
@@ -48,6 +50,7 @@ def measure(benchmark):
             sync()
             return out
 
+        timed()  # warm-up first: compilation and autotuning are not part of the peak
         peak = _peak_mib(timed)
         benchmark.group = group
         benchmark.extra_info.update(info, impl=impl, baseline=baseline, peak_mib=peak, device=str(DEVICE))
