@@ -74,6 +74,15 @@ def additive_key_mask(attention_mask: Optional[torch.Tensor], dtype: torch.dtype
     return bias.expand(B, 1, N, N)
 
 
+def key_padding_inputs(model, input_ids, attention_mask) -> dict:
+    """Forward inputs of a bidirectional model: a 4D key-padding mask and positions over real tokens."""
+    return dict(
+        input_ids=input_ids,
+        attention_mask=additive_key_mask(attention_mask, model.dtype),
+        position_ids=position_ids_for(attention_mask),
+    )
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder's layer list of a transformers-style model (``model.model.layers`` and friends)."""
     candidates = []
@@ -125,12 +134,7 @@ class GenericFamily:
     @staticmethod
     def model_inputs(model, input_ids, attention_mask):
         # A 4D mask is used as given by every transformers >= 4.56: bidirectional whatever the version.
-        return dict(
-            input_ids=input_ids,
-            attention_mask=additive_key_mask(attention_mask, model.dtype),
-            position_ids=position_ids_for(attention_mask),
-            use_cache=False,
-        )
+        return {**key_padding_inputs(model, input_ids, attention_mask), "use_cache": False}
 
     @classmethod
     @contextmanager
@@ -215,13 +219,7 @@ class DreamFamily:
     def last_attention(model):
         return last_self_attention(model)
 
-    @staticmethod
-    def model_inputs(model, input_ids, attention_mask):
-        return dict(
-            input_ids=input_ids,
-            attention_mask=additive_key_mask(attention_mask, model.dtype),
-            position_ids=position_ids_for(attention_mask),
-        )
+    model_inputs = staticmethod(key_padding_inputs)
 
     @staticmethod
     @contextmanager

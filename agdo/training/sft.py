@@ -93,24 +93,27 @@ def _sample_generator(seed: int, epoch: int, index: int, device) -> torch.Genera
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + index)
 
 
-def _sample_order(config: SFTConfig, trained, generator):
+def _batch_order(config: SFTConfig, adapter, batch: dict, trained):
+    """``(steps, token_weights)`` of the whole batch for the order-based methods (weights None: all 1)."""
+    input_ids, P = batch["input_ids"], batch["response_start"]
+    if config.method == "agdo":
+        order = orders.attention_order(
+            adapter, input_ids, batch["attention_mask"], response_start=P, trained=trained,
+            step_size=config.step_size, block_size=config.block_size, block_mode=config.block_mode,
+            influence_norm=config.influence_norm,
+        )
+        return order.steps, 1 + config.gamma * order.influence[:, P:]
     if config.method == "left_to_right":
-        return orders.left_to_right_order(trained, step_size=config.step_size, block_size=config.block_size)
-    if config.method == "blockwise":
-        return orders.blockwise_order(trained, block_size=config.block_size)
-    raise ValueError(config.method)
+        return orders.left_to_right_order(trained, step_size=config.step_size, block_size=config.block_size), None
+    return orders.blockwise_order(trained, block_size=config.block_size), None
 
 
 def build_rows(config: SFTConfig, adapter, batch: dict, epoch: int) -> MaskedRows:
     """The masked rows of one batch; every sample's randomness comes from its own generator."""
     input_ids, attention_mask, P = batch["input_ids"], batch["attention_mask"], batch["response_start"]
     trained = orders.trained_positions(input_ids[:, P:], adapter.stop_token_ids, config.post_num)
-    if config.method == "agdo":
-        order = orders.attention_order(
-            adapter, input_ids, attention_mask, response_start=P, trained=trained, step_size=config.step_size,
-            block_size=config.block_size, block_mode=config.block_mode, influence_norm=config.influence_norm,
-        )
-        steps, token_weights = order.steps, 1 + config.gamma * order.influence[:, P:]
+    if config.method != "random":
+        steps, token_weights = _batch_order(config, adapter, batch, trained)
     per_sample = []
     for b, index in enumerate(batch["index"].tolist()):
         gen = _sample_generator(config.seed, epoch, index, input_ids.device)
@@ -120,10 +123,9 @@ def build_rows(config: SFTConfig, adapter, batch: dict, epoch: int) -> MaskedRow
                                mask_token_id=adapter.mask_token_id, masks_per_sample=config.random_masks_per_sample,
                                generator=gen)
         else:
-            sample_steps = steps[one] if config.method == "agdo" else _sample_order(config, trained[one], gen)
-            rows = order_rows(input_ids[one], attention_mask[one], response_start=P, steps=sample_steps,
+            rows = order_rows(input_ids[one], attention_mask[one], response_start=P, steps=steps[one],
                               mask_token_id=adapter.mask_token_id,
-                              token_weights=token_weights[one] if config.method == "agdo" else None,
+                              token_weights=None if token_weights is None else token_weights[one],
                               max_steps_per_sample=config.max_steps_per_sample,
                               mask_ratio=(config.mask_ratio_min, config.mask_ratio_max), generator=gen)
         per_sample.append(rows._replace(sample_index=rows.sample_index + b))
