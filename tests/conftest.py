@@ -59,12 +59,6 @@ def oracle_abar(q, k, attention_mask=None, scale=None):
     return probs.mean(1)
 
 
-def rows_valid(attention_mask, B, N):
-    if attention_mask is None:
-        return torch.ones(B, N, dtype=torch.bool, device=DEVICE)
-    return attention_mask
-
-
 def stat_tolerance(dtype):
     """Absolute tolerance for float32 statistics computed from inputs of ``dtype``.
 

@@ -1,7 +1,6 @@
 """The command line end to end on tiny settings: quickstart (train, evaluate, plot), eval, analyze."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import agdo_kernels
-from conftest import DEVICE, DTYPES, oracle_abar, padding_mask, random_qkv, rows_valid, stat_tolerance
+from conftest import DEVICE, DTYPES, oracle_abar, padding_mask, random_qkv, stat_tolerance
 
 # (B, H, Hkv, N, d): odd N around the tile sizes, GQA ratios 1, 4, 7, 8, head dims 16..128.
 SHAPES = [
