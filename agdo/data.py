@@ -14,6 +14,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,22 +40,94 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     raise FileNotFoundError(f"no benchmark data directory: pass root=..., set ${DATA_DIR_ENV}, or create one of {searched}")
 
 
+class DataError(ValueError):
+    """Bad data in a jsonl file; the message starts with ``path:line:`` (or ``path:`` for the whole file)."""
+
+
+def _surrogate_path(value) -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate (e.g. from a ``"\\ud800"`` escape):
+    ``field 'a'[0]`` and the character, or None. Iterative, so any depth ``json`` parsed is fine."""
+    stack = [(value, "")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as error:
+                return f"{where or 'the value'} (character {item[error.start]!r} at index {error.start})"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if _surrogate_path(key) is not None:
+                    return f"a key of {where or 'the object'}"
+                stack.append((child, f"{where}[{key!r}]" if where else f"field {key!r}"))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}[{index}]") for index, child in enumerate(item))
+    return None
+
+
+def _jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a (possibly gzipped) jsonl file.
+
+    Raises :class:`DataError` naming ``path:line`` for bytes that are not UTF-8, invalid JSON, a line that
+    is not a JSON object, or a string holding a lone surrogate (``"\\ud800"``: valid JSON, but not text).
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as lines:
+            for number, raw in enumerate(lines, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as error:
+                    raise DataError(
+                        f"{path}:{number}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at byte offset "
+                        f"{error.start} of the line)"
+                    ) from None
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{number}: invalid JSON: {error}") from None
+                except RecursionError:
+                    raise DataError(f"{path}:{number}: invalid JSON: nested too deeply") from None
+                if not isinstance(value, dict):
+                    raise DataError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
+                bad = _surrogate_path(value)
+                if bad is not None:
+                    raise DataError(f"{path}:{number}: lone surrogate (not valid text) in {bad}")
+                yield number, value
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: corrupt gzip file ({error})") from None
+
+
 def _read_jsonl(path: Path) -> Iterator[dict]:
+    """The objects of a benchmark jsonl file (see :func:`_jsonl_objects` for the errors)."""
     if not path.is_file():
         raise FileNotFoundError(f"benchmark file not found: {path} (data directory: {path.parent.parent})")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for line in lines:
-            if line.strip():
-                yield json.loads(line)
+    for _, row in _jsonl_objects(path):
+        yield row
+
+
+def _get(row: dict, key: str, types=(str,), *, nonempty: bool = False):
+    """``row[key]``, which must exist and have one of ``types`` (bool never counts as a number)."""
+    if key not in row:
+        raise KeyError(f"missing field {key!r}")
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+        expected = " or ".join(t.__name__ for t in types)
+        raise TypeError(f"field {key!r} must be {expected}, got {type(value).__name__} {value!r:.60}")
+    if nonempty and isinstance(value, str) and not value.strip():
+        raise ValueError(f"field {key!r} is empty")
+    return value
 
 
 def _gsm8k(row: dict, index: int, split: str) -> dict:
+    solution = _get(row, "answer", nonempty=True)
     return {
         "id": f"gsm8k/{split}/{index}",
-        "question": row["question"],
-        "solution": row["answer"],
-        "answer": gsm8k_gold(row["answer"]),
+        "question": _get(row, "question", nonempty=True),
+        "solution": solution,
+        "answer": gsm8k_gold(solution),
         "source": "gsm8k",
         "reward": "math",
     }
@@ -60,43 +135,67 @@ def _gsm8k(row: dict, index: int, split: str) -> dict:
 
 def _math500(row: dict, index: int) -> dict:
     return {
-        "id": f"math500/{row['unique_id']}",
-        "question": row["problem"],
-        "solution": row["solution"],
-        "answer": row["answer"],
-        "subject": row["subject"],
-        "level": int(row["level"]),
+        "id": f"math500/{_get(row, 'unique_id', nonempty=True)}",
+        "question": _get(row, "problem", nonempty=True),
+        "solution": _get(row, "solution"),
+        "answer": _get(row, "answer", nonempty=True),
+        "subject": _get(row, "subject"),
+        "level": int(_get(row, "level", (int, str))),
         "source": "math500",
         "reward": "math",
     }
 
 
 def _minerva(row: dict, index: int) -> dict:
-    gold = last_boxed(row["solution"])
-    if gold is None:
-        raise ValueError(f"minerva_math row {index} has no \\boxed{{}} answer in its solution")
+    solution = _get(row, "solution")
+    gold = last_boxed(solution)
+    if gold is None or not gold.strip():
+        raise ValueError("field 'solution' has no (non-empty) \\boxed{} answer")
     return {
-        "id": f"minerva/{row['idx']}",
-        "question": row["problem"],
-        "solution": row["solution"],
+        "id": f"minerva/{_get(row, 'idx', (int, str))}",
+        "question": _get(row, "problem", nonempty=True),
+        "solution": solution,
         "answer": gold,
-        "subject": row["type"],
+        "subject": _get(row, "type"),
         "source": "minerva",
+        "reward": "math",
+    }
+
+
+def _math_train(row: dict, index: int) -> dict:
+    """MATH train split (RL prompts, paper App. C): the gold answer is the last ``\\boxed`` of the solution;
+    three solutions write ``\\boxed {17}`` or ``\\boxed 2``, normalised to ``\\boxed{...}`` first."""
+    solution = _get(row, "solution")
+    normalised = re.sub(r"\\boxed (\w+)", r"\\boxed{\1}", re.sub(r"\\boxed\s+\{", r"\\boxed{", solution))
+    gold = last_boxed(normalised)
+    if gold is None or not gold.strip():
+        return None  # one row (`\\boxed{}` empty) has no gold answer: skipped, with a warning naming it
+    return {
+        "id": f"math_train/{index}",
+        "question": _get(row, "problem", nonempty=True),
+        "solution": solution,
+        "answer": gold,
+        "subject": _get(row, "type"),
+        "level": _get(row, "level"),
+        "source": "math_train",
         "reward": "math",
     }
 
 
 def _competition(source: str) -> Callable[[dict, int], dict]:
     def convert(row: dict, index: int) -> dict:
+        answer = _get(row, "answer", (str, int, float))
+        if isinstance(answer, str) and not answer.strip():
+            raise ValueError("field 'answer' is empty")
         record = {
-            "id": f"{source}/{row['id']}",
-            "question": row["problem"],
-            "answer": str(row["answer"]),
+            "id": f"{source}/{_get(row, 'id', (int, str))}",
+            "question": _get(row, "problem", nonempty=True),
+            "answer": str(answer),
             "source": source,
             "reward": "math",
         }
         if "solution" in row:
-            record["solution"] = row["solution"]
+            record["solution"] = _get(row, "solution")
         return record
 
     return convert
@@ -104,11 +203,11 @@ def _competition(source: str) -> Callable[[dict, int], dict]:
 
 def _humaneval(row: dict, index: int) -> dict:
     return {
-        "id": row["task_id"],
-        "prompt": row["prompt"],
-        "answer": row["canonical_solution"],
-        "test": row["test"],
-        "entry_point": row["entry_point"],
+        "id": _get(row, "task_id", nonempty=True),
+        "prompt": _get(row, "prompt", nonempty=True),
+        "answer": _get(row, "canonical_solution"),
+        "test": _get(row, "test", nonempty=True),
+        "entry_point": _get(row, "entry_point", nonempty=True),
         "source": "humaneval",
         "reward": "code",
     }
@@ -119,6 +218,7 @@ BENCHMARKS: dict[str, tuple[str, Callable[[dict, int], dict]]] = {
     "gsm8k": ("gsm8k/test.jsonl", lambda row, index: _gsm8k(row, index, "test")),
     "gsm8k_train": ("gsm8k/train.jsonl", lambda row, index: _gsm8k(row, index, "train")),
     "math500": ("math500/test.jsonl", _math500),
+    "math_train": ("math_train/train.jsonl.gz", _math_train),
     "minerva": ("minerva_math/test.jsonl", _minerva),
     "aime24": ("aime24/test.jsonl", _competition("aime24")),
     "amc23": ("amc23/test.jsonl", _competition("amc23")),
@@ -127,11 +227,34 @@ BENCHMARKS: dict[str, tuple[str, Callable[[dict, int], dict]]] = {
 
 
 def load_benchmark(name: str, root: str | os.PathLike | None = None) -> list[dict]:
-    """All records of benchmark ``name`` (one of :data:`BENCHMARKS`) as uniform dicts."""
-    if name not in BENCHMARKS:
+    """All records of benchmark ``name`` (one of :data:`BENCHMARKS`) as uniform dicts.
+
+    Raises ``KeyError`` for an unknown name, ``FileNotFoundError`` for a missing file and
+    :class:`DataError` (a ``ValueError``) naming ``path:line`` for a bad row (not UTF-8, invalid JSON, not
+    an object, a lone surrogate, a missing or mistyped field), or naming the file when it has no rows.
+    """
+    if not isinstance(name, str) or name not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
     relative_path, convert = BENCHMARKS[name]
-    return [convert(row, index) for index, row in enumerate(_read_jsonl(data_root(root) / relative_path))]
+    path = data_root(root) / relative_path
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark file not found: {path} (data directory: {path.parent.parent})")
+    records, skipped = [], []
+    for index, (number, row) in enumerate(_jsonl_objects(path)):
+        try:
+            record = convert(row, index)
+        except (KeyError, TypeError, ValueError) as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise DataError(f"{path}:{number}: bad {name} row: {message}") from None
+        if record is None:
+            skipped.append(number)
+        else:
+            records.append(record)
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} {name} row(s) without a gold answer (lines {skipped[:10]})")
+    if not records:
+        raise DataError(f"{path}: benchmark {name!r} has no rows (the file is empty or holds only blank lines)")
+    return records
 
 
 SFT_FIELDS = ("prompt", "response")
@@ -140,24 +263,22 @@ SFT_FIELDS = ("prompt", "response")
 def read_sft_jsonl(path: str | os.PathLike) -> list[dict]:
     """SFT examples from a jsonl file of ``{"prompt": str, "response": str, ...}`` objects (blank lines skipped).
 
-    Raises ValueError naming the file and line number for invalid JSON, a non-object line, or a missing or
-    non-string ``prompt``/``response``. Extra fields are kept.
+    Raises :class:`DataError` (a ``ValueError``) naming the file and line number for bytes that are not
+    UTF-8, a lone surrogate in a string (``"\\ud800"``), invalid JSON, a non-object line, or a missing or
+    non-string ``prompt``/``response``; and naming the file when it holds no example at all (empty or blank
+    lines only). Extra fields are kept.
     """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SFT data file not found: {path}")
     examples = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: invalid JSON: {error}") from None
-            if not isinstance(example, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(example).__name__}")
-            for field in SFT_FIELDS:
-                if field not in example:
-                    raise ValueError(f"{path}:{number}: missing field {field!r}")
-                if not isinstance(example[field], str):
-                    raise ValueError(f"{path}:{number}: field {field!r} must be a string, got {type(example[field]).__name__}")
-            examples.append(example)
+    for number, example in _jsonl_objects(path):
+        for field in SFT_FIELDS:
+            if field not in example:
+                raise DataError(f"{path}:{number}: missing field {field!r}")
+            if not isinstance(example[field], str):
+                raise DataError(f"{path}:{number}: field {field!r} must be a string, got {type(example[field]).__name__}")
+        examples.append(example)
+    if not examples:
+        raise DataError(f"{path}: no SFT examples (the file is empty or holds only blank lines)")
     return examples

@@ -26,13 +26,21 @@ MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer with
 
 @dataclasses.dataclass
 class EvalConfig:
+    """What ``agdo eval`` runs: every benchmark × alg × seed.
+
+    Validated on construction (``__post_init__``, so also when built in Python): ``benchmarks``, ``algs``
+    and ``seeds`` are non-empty lists without repeats (a single value is an error, not wrapped: write
+    ``benchmarks=[gsm8k]``), of known benchmarks, known selection strategies and ints; ``limit`` is null or
+    >= 1; the decoding fields must make a valid :class:`SamplerConfig` for every alg.
+    """
+
     model_name_or_path: str = ""
     family: str = "auto"
-    benchmarks: list = dataclasses.field(default_factory=lambda: ["gsm8k"])
+    benchmarks: list[str] = dataclasses.field(default_factory=lambda: ["gsm8k"])
     data_dir: Optional[str] = None
     limit: Optional[int] = None
-    algs: list = dataclasses.field(default_factory=lambda: ["max_prob"])
-    seeds: list = dataclasses.field(default_factory=lambda: [0])
+    algs: list[str] = dataclasses.field(default_factory=lambda: ["max_prob"])
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     gen_length: int = 256
     steps: int = 256
     block_length: Optional[int] = 32
@@ -43,6 +51,39 @@ class EvalConfig:
     candidate_threshold: float = 0.9
     batch_size: int = 8
     output_dir: str = "runs/eval"
+
+    def __post_init__(self):
+        from .config import coerce_fields
+        from .data import BENCHMARKS
+
+        coerce_fields(self)
+        for name in ("benchmarks", "algs", "seeds"):
+            values = getattr(self, name)
+            if not values:
+                raise ValueError(f"EvalConfig: `{name}` is empty; give at least one, e.g. {name}=[...]")
+            repeated = sorted({str(v) for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"EvalConfig: `{name}` repeats {repeated}")
+        unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
+        if unknown:
+            raise ValueError(f"EvalConfig: unknown `benchmarks` {unknown}; available: {list(BENCHMARKS)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"EvalConfig: `limit` must be >= 1 or null (all rows), got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"EvalConfig: `batch_size` must be >= 1, got {self.batch_size}")
+        for alg in self.algs:
+            self.sampler_config(alg)  # raises naming the bad field
+
+    def sampler_config(self, alg: str) -> SamplerConfig:
+        """The decoding settings of one ``alg`` (``ValueError`` naming ``algs`` or the bad field)."""
+        try:
+            return SamplerConfig(
+                gen_length=self.gen_length, steps=self.steps, block_length=self.block_length,
+                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, alg=alg,
+                threshold=self.threshold, candidate_threshold=self.candidate_threshold,
+            )
+        except ValueError as error:
+            raise ValueError(f"EvalConfig (algs entry {alg!r}): {error}") from None
 
 
 def prompt_text(record: dict) -> str:
@@ -129,19 +170,20 @@ def run_eval(config: EvalConfig, *, adapter=None) -> str:
     from .data import load_benchmark
     from .models import load_adapter
 
-    adapter = adapter or load_adapter(config.model_name_or_path, family=config.family)
+    # Every benchmark file is read (and checked) before the model is loaded: bad data fails fast.
+    datasets = {benchmark: load_benchmark(benchmark, config.data_dir)[: config.limit] for benchmark in config.benchmarks}
+    if adapter is None:
+        if not config.model_name_or_path:
+            raise ValueError("EvalConfig: `model_name_or_path` is required (a model directory or hub id)")
+        adapter = load_adapter(config.model_name_or_path, family=config.family)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     with open(output_dir / "results.jsonl", "a") as log:
         for benchmark in config.benchmarks:
-            records = load_benchmark(benchmark, config.data_dir)[: config.limit]
+            records = datasets[benchmark]
             for alg in config.algs:
-                sampler = SamplerConfig(
-                    gen_length=config.gen_length, steps=config.steps, block_length=config.block_length,
-                    temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, alg=alg,
-                    threshold=config.threshold, candidate_threshold=config.candidate_threshold,
-                )
+                sampler = config.sampler_config(alg)
                 accuracies = []
                 for seed in config.seeds:
                     result = evaluate(adapter, records, sampler, seed=seed, batch_size=config.batch_size,

@@ -9,7 +9,10 @@ dependencies decodes right to left. Everything here is built offline: a characte
 
 from __future__ import annotations
 
+import json
 import random
+import re
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -18,13 +21,85 @@ SPECIAL_TOKENS = ["[PAD]", "[MASK]", "[EOS]"]
 CHARACTERS = list("0123456789+=")
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character; ``[PAD]``, ``[MASK]`` and ``[EOS]`` as special tokens."""
+class CharTokenizer(PreTrainedTokenizerFast):
+    """The character tokenizer of :func:`build_tokenizer`: text with a character outside the vocabulary is
+    a ``ValueError`` naming the character, never silently mapped to ``[PAD]``.
+
+    The check runs on every encoding path (``tokenizer(text)``, ``encode``, ``tokenize``,
+    ``apply_chat_template(tokenize=True)``); special tokens written in the text (``[MASK]``) are allowed.
+    ``save_pretrained`` writes a plain ``PreTrainedTokenizerFast`` config, so a saved checkpoint reloads
+    with ``AutoTokenizer.from_pretrained`` everywhere; the reloaded tokenizer is a plain
+    ``PreTrainedTokenizerFast`` WITHOUT this check (its WordLevel model still maps unknown characters to
+    ``[PAD]``): wrap it with :func:`as_char_tokenizer` to get the check back.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._known = frozenset(token for token in self.backend_tokenizer.get_vocab(with_added_tokens=False)
+                                if len(token) == 1)
+
+    def check_text(self, text: str) -> None:
+        """Raise ``ValueError`` naming the first character of ``text`` that is not in the vocabulary."""
+        specials = sorted((t for t in self.get_added_vocab() if t), key=len, reverse=True)
+        rest = re.sub("|".join(map(re.escape, specials)), "", text) if specials else text
+        for char in rest:
+            if char not in self._known:
+                position = text.find(char)
+                raise ValueError(
+                    f"character {char!r} (U+{ord(char):04X}) at index {position} of the text {text[:80]!r} is not "
+                    f"in the tokenizer's vocabulary {''.join(sorted(self._known))!r} (plus special tokens "
+                    f"{specials})"
+                )
+
+    def _encode_plus(self, text, text_pair=None, *args, **kwargs):
+        for value in (text, text_pair):
+            for piece in _strings(value):
+                self.check_text(piece)
+        return super()._encode_plus(text, text_pair, *args, **kwargs)
+
+    def save_pretrained(self, *args, **kwargs):
+        files = super().save_pretrained(*args, **kwargs)
+        # Reload as the plain class (this subclass is not registered with transformers' Auto classes).
+        for name in files:
+            if Path(name).name == "tokenizer_config.json":
+                config = json.loads(Path(name).read_text())
+                config["tokenizer_class"] = PreTrainedTokenizerFast.__name__  # what the base class writes
+                Path(name).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        return files
+
+
+def _strings(value) -> list[str]:
+    """Every string in a tokenizer input (a str, a batch of str, pre-tokenized lists, pairs)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [piece for item in value for piece in _strings(item)]
+    return []
+
+
+def as_char_tokenizer(tokenizer: PreTrainedTokenizerFast) -> CharTokenizer:
+    """``tokenizer`` (e.g. reloaded from a checkpoint) as a :class:`CharTokenizer`, which checks characters."""
+    if isinstance(tokenizer, CharTokenizer):
+        return tokenizer
+    wrapped = CharTokenizer(tokenizer_object=tokenizer.backend_tokenizer, pad_token=tokenizer.pad_token,
+                            mask_token=tokenizer.mask_token, eos_token=tokenizer.eos_token)
+    wrapped.chat_template = getattr(tokenizer, "chat_template", None)
+    return wrapped
+
+
+def build_tokenizer() -> CharTokenizer:
+    """One token per character; ``[PAD]``, ``[MASK]`` and ``[EOS]`` as special tokens.
+
+    Encoding text with a character outside ``0123456789+=`` raises ``ValueError`` (see
+    :class:`CharTokenizer`, also for what a checkpoint reloaded from disk gives).
+    """
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", mask_token="[MASK]", eos_token="[EOS]")
+    return CharTokenizer(tokenizer_object=tokenizer, pad_token="[PAD]", mask_token="[MASK]", eos_token="[EOS]")
 
 
 def addition_problems(count: int, *, digits: int, seed: int, exclude=frozenset()) -> list[dict]:

@@ -9,6 +9,17 @@ Public calls (tensors in, tensors out; nothing here knows about models or traini
 - :func:`dense_steps` — the step numbering of any order: ``(block, rank)`` pairs → dense steps
 
 Every call takes ``backend="auto" | "torch" | "triton" | "cuda"``; see :func:`available_backends`.
+
+Non-finite values (the same rule on every backend, applied here after the backend ran):
+
+- ``valid_attention``/``influence``/``response_attention``: a batch row ``b`` whose inputs hold a NaN or an
+  infinity anywhere (``q[b]``, ``k[b]``, ``v[b]`` when the output is returned, a given ``lse[b]``; padded
+  positions included), or whose statistics overflow, comes back as NaN in EVERY output of that row
+  (``s``/``out``/``lse``, ``I``, ``s0``/``abar_rr``); other rows are unaffected. Never finite on one
+  backend and NaN on another. No host synchronisation is needed for this.
+- ``greedy_order``: a NaN score counts as ``-inf`` when picking; tokens whose score is ``-inf`` (or NaN)
+  are picked after every token with a larger score, lowest position first. Every valid token still gets
+  exactly one step (dense steps), ``-1`` exactly where not ``valid``.
 """
 
 from __future__ import annotations
@@ -81,7 +92,8 @@ def valid_attention(
 
     Returns:
         ``S (B, N)`` alone, or ``ValidAttention(s, out, lse)`` with ``None`` for what was not asked.
-        Rows without any real key give zeros (``lse = 0``), never NaN.
+        Rows without any real key give zeros (``lse = 0``), never NaN. A batch row with a NaN/inf input
+        (or an overflow) is NaN in every output (module docstring).
     """
     B, H, Hkv, N, d = _checks.check_qk(q, k, v)
     if return_output and v is None:
@@ -93,6 +105,8 @@ def valid_attention(
     s, out, lse = impl.valid_attention(
         q, k, v if return_output else None, unmasked, attention_mask, scale, bool(return_output), bool(return_lse)
     )
+    bad = _checks.nonfinite_rows(B, q, k, v if return_output else None, s, out, lse)
+    s, out, lse = _checks.poison_rows(bad, s, out, lse)
     if not (return_output or return_lse):
         return s
     return ValidAttention(s, out, lse)
@@ -104,7 +118,8 @@ def influence(q, k, *, lse=None, attention_mask=None, query_mask=None, norm="mea
     Valid rows are those with ``attention_mask`` and ``query_mask`` both True. ``lse (B, H, N)`` from
     :func:`valid_attention` saves a pass. ``norm``: ``"sum"`` (Eq. 8 literally), ``"mean"`` (divide by the
     number of valid rows, so ``sum_k I_k = 1``; the default, see SPEC §2), ``"max"`` (divide by the
-    largest ``I`` over valid keys).
+    largest ``I`` over valid keys). A batch row with a NaN/inf in ``q``, ``k`` or ``lse`` (or an overflow)
+    is all NaN (module docstring).
     """
     B, H, Hkv, N, d = _checks.check_qk(q, k)
     attention_mask = _checks.check_mask(attention_mask, "attention_mask", B, N, q.device)
@@ -113,10 +128,12 @@ def influence(q, k, *, lse=None, attention_mask=None, query_mask=None, norm="mea
     _checks.check_choice(norm, "norm", _checks.INFLUENCE_NORMS)
     scale = _checks.check_scale(scale, d)
     impl = _backends.module(_backends.resolve(backend, q.device, "influence"))
+    bad = _checks.nonfinite_rows(B, q, k, lse)
     if lse is None:
         no_keys = torch.zeros(B, N, dtype=torch.bool, device=q.device)
         lse = impl.valid_attention(q, k, None, no_keys, attention_mask, scale, False, True)[2]
     total = impl.influence_sum(q, k, lse, attention_mask, query_mask, scale)
+    bad = bad | _checks.nonfinite_rows(B, lse, total)
     if norm == "mean":
         rows = torch.ones(B, N, dtype=torch.bool, device=q.device)
         for mask in (attention_mask, query_mask):
@@ -125,7 +142,7 @@ def influence(q, k, *, lse=None, attention_mask=None, query_mask=None, norm="mea
         total = total / rows.sum(-1, keepdim=True).clamp_min(1).to(total.dtype)
     elif norm == "max":
         total = total / total.amax(-1, keepdim=True).clamp_min(torch.finfo(total.dtype).tiny)
-    return total
+    return _checks.poison_rows(bad, total)[0]
 
 
 def response_attention(q, k, *, response_start, attention_mask=None, shift=False, scale=None, backend="auto"):
@@ -135,7 +152,8 @@ def response_attention(q, k, *, response_start, attention_mask=None, shift=False
     when ``shift`` (Dream) and ``P + i`` otherwise (LLaDA). Returns ``ResponseAttention(s0, abar_rr)``:
     ``s0 (B, R)`` = mass of each predictor row on the prompt keys, ``abar_rr (B, R, R)`` =
     head-averaged probabilities of predictor rows on response keys. Rows whose token or predictor row is
-    padding are zeros. Memory ``O(B * R^2)``.
+    padding are zeros. Memory ``O(B * R^2)``. A batch row with a NaN/inf in ``q`` or ``k`` (or an
+    overflow) is all NaN in both outputs (module docstring).
     """
     B, H, Hkv, N, d = _checks.check_qk(q, k)
     attention_mask = _checks.check_mask(attention_mask, "attention_mask", B, N, q.device)
@@ -151,6 +169,8 @@ def response_attention(q, k, *, response_start, attention_mask=None, shift=False
         rows_valid = attention_mask[:, P:] & attention_mask[:, pred]
         s0 = s0 * rows_valid
         abar_rr = abar_rr * rows_valid[:, :, None]
+    bad = _checks.nonfinite_rows(B, q, k, s, lse, abar_rr)
+    s0, abar_rr = _checks.poison_rows(bad, s0, abar_rr)
     return ResponseAttention(s0, abar_rr)
 
 
@@ -162,6 +182,10 @@ def greedy_order(abar_rr, s0, *, valid, step_size, block_size=None, block_mode="
     Tokens are then ordered by ``(position // block_size, rank)`` and the distinct pairs numbered densely
     ``0..T_b-1``; ``-1`` where not ``valid``. ``block_mode="within"`` runs the greedy block by block
     (earlier blocks already in ``U``), an extension beyond the paper.
+
+    Non-finite scores: a NaN in ``S`` (from ``s0`` or ``abar_rr``) counts as ``-inf`` when picking, and
+    ``-inf`` tokens are picked after every larger score, lowest position first; so every valid token is
+    ordered exactly once, whatever the values, and every backend gives the same steps.
     """
     B, R, valid = _checks.check_greedy(abar_rr, s0, valid)
     step_size = _checks.check_positive_int(step_size, "step_size")

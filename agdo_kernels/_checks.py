@@ -35,13 +35,17 @@ def check_qk(q, k, v=None):
     check_tensor(q, "q", 4, "(B, H, N, d)")
     check_tensor(k, "k", 4, "(B, Hkv, N, d)")
     B, H, N, d = q.shape
+    if H == 0:
+        raise ValueError(f"`q` must have at least one head, shape (B, H >= 1, N, d); got {tuple(q.shape)}")
     if k.shape[0] != B or k.shape[2] != N or k.shape[3] != d:
         raise ValueError(
             f"`k` must have shape (B={B}, Hkv, N={N}, d={d}) to match `q` {tuple(q.shape)}, "
             f"got {tuple(k.shape)}"
         )
     Hkv = k.shape[1]
-    if Hkv == 0 or H % Hkv != 0:
+    if Hkv == 0:
+        raise ValueError(f"`k` must have at least one head, shape (B, Hkv >= 1, N, d); got {tuple(k.shape)}")
+    if H % Hkv != 0:
         raise ValueError(f"`q` heads H={H} must be a multiple of `k` heads Hkv={Hkv} (GQA)")
     if k.dtype != q.dtype:
         raise TypeError(f"`k` dtype {k.dtype} must equal `q` dtype {q.dtype}")
@@ -138,3 +142,25 @@ def check_greedy(abar_rr, s0, valid):
         raise ValueError(f"`s0` is on {s0.device} but `abar_rr` is on {abar_rr.device}")
     valid = check_mask(valid, "valid", B, R, abar_rr.device, required=True)
     return B, R, valid
+
+
+def nonfinite_rows(B: int, *tensors) -> torch.Tensor:
+    """``(B,)`` bool: True for a batch row where any of ``tensors`` (leading dim ``B``; ``None`` skipped)
+    holds a NaN or an infinity. Runs on the tensors' device, no host sync."""
+    bad = None
+    for t in tensors:
+        if t is None:
+            continue
+        row_bad = ~torch.isfinite(t).reshape(B, -1).all(dim=1) if t.numel() else torch.zeros(B, dtype=torch.bool, device=t.device)
+        bad = row_bad if bad is None else bad | row_bad
+    return bad
+
+
+def poison_rows(bad: torch.Tensor, *outputs):
+    """``outputs`` with every element of the ``bad`` batch rows set to NaN (``None`` passes through)."""
+    result = []
+    for t in outputs:
+        if t is not None:
+            t = t.masked_fill(bad.reshape((-1,) + (1,) * (t.ndim - 1)), float("nan"))
+        result.append(t)
+    return result

@@ -8,6 +8,10 @@
 //
 // Summation order (shared with the torch and Triton backends, see agdo_kernels/reference/ordering.py):
 // a round's columns are summed into `delta` in pick order, then S += delta once per round.
+//
+// Non-finite scores (the same rule on every backend): a NaN score counts as -inf when picking, and -inf
+// candidates are still picked (lowest position first), so every valid token gets exactly one rank. The key
+// of a -inf candidate is nonzero, so it always beats the 0 of a non-candidate.
 
 #include "greedy_order.h"
 
@@ -19,6 +23,7 @@ constexpr int kMaxWarps = 32;
 
 // Unsigned key whose order is (score ascending, position descending): its maximum is the pick.
 __device__ __forceinline__ unsigned long long pick_key(float score, int position) {
+  if (isnan(score)) score = -INFINITY;  // NaN counts as -inf (a NaN's bits would order it by its sign)
   unsigned int bits = __float_as_uint(score + 0.0f);  // + 0 turns -0 into +0: they tie, as floats do
   bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // float order as unsigned order
   return (static_cast<unsigned long long>(bits) << 32) | (0xFFFFFFFFu - static_cast<unsigned int>(position));

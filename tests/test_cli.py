@@ -1,6 +1,8 @@
 """The command line end to end on tiny settings: quickstart (train, evaluate, plot), eval, analyze."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +97,108 @@ def test_summary_and_table():
     assert stats["mean"] == pytest.approx(60.0) and stats["std"] == pytest.approx(14.142, abs=1e-3)
     table = format_table([{"row": "a", "column": "x", **stats}], ["x", "y"])
     assert "| a | 60.0 ± 14.1 | - |" in table
+
+
+# --- argument parsing: --config anywhere, bad values exit naming the key ----------------------------
+
+
+@pytest.fixture
+def captured_eval(monkeypatch, tmp_path):
+    """Replace the evaluation itself: the test sees the EvalConfig that `agdo eval` built."""
+    import agdo.eval
+
+    seen = []
+
+    def fake_run_eval(config, **_):
+        seen.append(config)
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        return "| table |"
+
+    monkeypatch.setattr(agdo.eval, "run_eval", fake_run_eval)
+    config_file = tmp_path / "eval.yaml"
+    config_file.write_text("limit: 5\nseeds: [1, 2]\nalgs: [max_s]\n")
+    return seen, config_file, f"output_dir={tmp_path / 'out'}"
+
+
+@pytest.mark.parametrize("where", ["after", "before", "between", "equals"])
+def test_config_is_accepted_anywhere(captured_eval, where):
+    seen, path, out = captured_eval
+    argv = {
+        "after": ["eval", "limit=3", out, "--config", str(path)],
+        "before": ["eval", "--config", str(path), "limit=3", out],
+        "between": ["eval", "limit=3", "--config", str(path), out],
+        "equals": ["eval", "limit=3", f"--config={path}", out],
+    }[where]
+    main(argv)
+    (config,) = seen
+    assert config.limit == 3  # the override beats the file wherever --config stands
+    assert config.seeds == [1, 2] and config.algs == ["max_s"] and config.output_dir.endswith("out")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["seeds=3"], r"config `seeds` must be a list"),
+        (["benchmarks=gsm8k"], r"config `benchmarks` must be a list"),
+        (["algs={max_prob: 1}"], r"config `algs` must be a list"),
+        (["seeds=[0, x]"], r"config `seeds\[1\]` must be int"),
+        (["limit=-2"], r"`limit` must be >= 1"),
+        (["seeds=[]"], r"`seeds` is empty"),
+        (["benchmarks=[]"], r"`benchmarks` is empty"),
+        (["algs=[]"], r"`algs` is empty"),
+        (["benchmarks=[gsm8k, mmlu]"], r"unknown `benchmarks` \['mmlu'\]"),
+        (["no_such_field=1"], r"unknown EvalConfig field\(s\) \['no_such_field'\]"),
+        (["seeds"], r"must look like key=value"),
+        (["--config", "/nonexistent/eval.yaml"], r"config file not found: /nonexistent/eval\.yaml"),
+    ],
+)
+def test_bad_eval_arguments_exit_naming_the_key(captured_eval, capsys, overrides, message):
+    seen, _, out = captured_eval
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", out, *overrides])
+    assert exit_info.value.code == 2 and not seen
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_config_twice_and_broken_yaml(captured_eval, capsys, tmp_path):
+    seen, path, out = captured_eval
+    with pytest.raises(SystemExit):
+        main(["eval", "--config", str(path), out, "--config", str(path)])
+    assert "--config given twice" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("seeds: [1, 2\n")
+    with pytest.raises(SystemExit):
+        main(["eval", out, "--config", str(broken)])
+    assert re.search(r"broken\.yaml is not valid YAML", capsys.readouterr().err)
+    assert not seen
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["limit=0"], r"AnalyzeConfig: `limit` must be >= 1"),
+        (["benchmark=mmlu"], r"unknown `benchmark` 'mmlu'"),
+        (["benchmark=[gsm8k]"], r"config `benchmark` must be str"),
+        (["gen_length=0"], r"gen_length must be >= 1"),
+    ],
+)
+def test_bad_analyze_arguments_exit_naming_the_key(capsys, overrides, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", *overrides])
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", ["eval", "analyze"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", r"gsm8k[/\\]test\.jsonl: benchmark 'gsm8k' has no rows"),
+        ('{"question": "q", "answer": "#### 1"}\n{"question": "q", "answer": }\n', r"test\.jsonl:2: invalid JSON"),
+    ],
+)
+def test_bad_benchmark_data_fails_before_the_model_loads(tmp_path, command, content, message):
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(content)
+    # No model is given: the data error must come first.
+    with pytest.raises(ValueError, match=message):
+        main([command, f"data_dir={tmp_path}", f"output_dir={tmp_path / 'out'}"])

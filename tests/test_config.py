@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from agdo.config import build_config, parse_overrides, save_config
+from agdo.cli import AnalyzeConfig
+from agdo.config import build_config, coerce_fields, parse_overrides, save_config
+from agdo.eval import EvalConfig
 from agdo.training.sft import SFTConfig
 
 
@@ -85,3 +88,103 @@ def test_saved_config_round_trips(tmp_path):
     save_config(config, tmp_path / "config.json")
     saved = json.loads((tmp_path / "config.json").read_text())
     assert build_config(SFTConfig, None, [f"{k}={json.dumps(v)}" for k, v in saved.items()]) == config
+
+
+# --- list fields: elements are checked; a scalar, a string or a mapping is never a list --------------
+
+
+@dataclasses.dataclass
+class _Lists:
+    ints: list[int] = dataclasses.field(default_factory=list)
+    floats: tuple[float, ...] = ()
+    pair: tuple[int, str] = (0, "a")
+    names: list[str] | None = None  # a types.UnionType annotation
+    anything: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        coerce_fields(self)
+
+
+@pytest.mark.parametrize(
+    "override, error",
+    [
+        ("ints=3", r"config `ints` must be a list, e\.g\. ints=\[a, b\]; got int 3"),
+        ("ints=abc", r"config `ints` must be a list, .*got str 'abc'"),
+        ("ints={a: 1}", r"config `ints` must be a list, .*got dict"),
+        ("ints=[1, two]", r"config `ints\[1\]` must be int, got 'two'"),
+        ("ints=[1, true]", r"config `ints\[1\]` must be int, got True"),
+        ("ints=[1, 2.5]", r"config `ints\[1\]` must be int, got 2\.5"),
+        ("floats=[1, x]", r"config `floats\[1\]` must be float, got 'x'"),
+        ("pair=[1]", r"config `pair` must be a list of 2 items"),
+        ("pair=[1, 2]", r"config `pair\[1\]` must be str, got 2"),
+        ("names=[a, [b]]", r"config `names\[1\]` must be str"),
+        ("anything=7", r"config `anything` must be a list"),
+    ],
+)
+def test_list_fields_check_their_elements(override, error):
+    with pytest.raises(TypeError, match=error):
+        build_config(_Lists, None, [override])
+
+
+def test_list_fields_convert_and_accept():
+    config = build_config(_Lists, None, ["ints=[1, 2]", "floats=[1, 2e-3]", "pair=[3, b]", "names=null", "anything=[1, x]"])
+    assert config == _Lists(ints=[1, 2], floats=(1.0, 0.002), pair=(3, "b"), names=None, anything=[1, "x"])
+    assert isinstance(config.floats[0], float)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        ({"seeds": 3}, TypeError, r"config `seeds` must be a list"),
+        ({"benchmarks": "gsm8k"}, TypeError, r"config `benchmarks` must be a list"),
+        ({"algs": {"max_prob": 1}}, TypeError, r"config `algs` must be a list"),
+        ({"seeds": [0, "1"]}, TypeError, r"config `seeds\[1\]` must be int"),
+        ({"seeds": []}, ValueError, r"EvalConfig: `seeds` is empty"),
+        ({"benchmarks": []}, ValueError, r"EvalConfig: `benchmarks` is empty"),
+        ({"algs": []}, ValueError, r"EvalConfig: `algs` is empty"),
+        ({"seeds": [0, 0]}, ValueError, r"EvalConfig: `seeds` repeats"),
+        ({"benchmarks": ["mmlu"]}, ValueError, r"EvalConfig: unknown `benchmarks` \['mmlu'\]"),
+        ({"algs": ["fastest"]}, ValueError, r"EvalConfig \(algs entry 'fastest'\): .*alg must be one of"),
+        ({"limit": -1}, ValueError, r"EvalConfig: `limit` must be >= 1 or null"),
+        ({"limit": 0}, ValueError, r"EvalConfig: `limit` must be >= 1 or null"),
+        ({"batch_size": 0}, ValueError, r"EvalConfig: `batch_size` must be >= 1"),
+        ({"gen_length": 0}, ValueError, r"gen_length must be >= 1"),
+        ({"steps": 7, "gen_length": 16, "block_length": 4}, ValueError, r"steps must be a positive multiple"),
+        ({"temperature": "hot"}, TypeError, r"config `temperature` must be float"),
+    ],
+)
+def test_eval_config_validates_in_post_init(change, error, message):
+    with pytest.raises(error, match=message):
+        EvalConfig(**change)
+
+
+def test_eval_config_defaults_and_conversion():
+    config = EvalConfig(temperature=1, seeds=[3, 4], limit=None)
+    assert config.temperature == 1.0 and isinstance(config.temperature, float)
+    assert config.sampler_config("max_s").alg == "max_s"
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        ({"benchmark": ["gsm8k"]}, TypeError, r"config `benchmark` must be str"),
+        ({"benchmark": "mmlu"}, ValueError, r"AnalyzeConfig: unknown `benchmark` 'mmlu'"),
+        ({"limit": 0}, ValueError, r"AnalyzeConfig: `limit` must be >= 1"),
+        ({"limit": None}, TypeError, r"config `limit` must be int, got None"),
+        ({"alg": "fastest"}, ValueError, r"AnalyzeConfig: .*alg must be one of"),
+        ({"steps": 0}, ValueError, r"AnalyzeConfig: .*steps must be a positive multiple"),
+    ],
+)
+def test_analyze_config_validates_in_post_init(change, error, message):
+    with pytest.raises(error, match=message):
+        AnalyzeConfig(**change)
+
+
+def test_broken_yaml_file_is_named(tmp_path):
+    path = _yaml(tmp_path, "learning_rate: [1, 2\n")
+    with pytest.raises(ValueError, match=r"sft\.yaml is not valid YAML"):
+        build_config(SFTConfig, path)
+    with pytest.raises(FileNotFoundError, match=r"config file not found: .*missing\.yaml"):
+        build_config(SFTConfig, tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match=r"override 'seed=\[1': the value is not valid YAML"):
+        parse_overrides(["seed=[1"])

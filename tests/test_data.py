@@ -107,3 +107,99 @@ def test_read_sft_jsonl_errors_name_the_line(tmp_path, bad_line, message):
     path.write_text('{"prompt": "p", "response": "r"}\n' + bad_line + "\n")
     with pytest.raises(ValueError, match=message):
         read_sft_jsonl(path)
+
+
+# --- bad bytes and bad rows: every error names path:line ----------------------------------------------
+
+
+GOOD_SFT = b'{"prompt": "p", "response": "r"}\n'
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        (b'{"prompt": "p\xff", "response": "r"}', r"sft\.jsonl:2: not valid UTF-8 \(byte 0xff"),
+        (b'{"prompt": "\\ud800", "response": "r"}', r"sft\.jsonl:2: lone surrogate .*field 'prompt'"),
+        (b'{"prompt": "p", "response": "r", "meta": ["\\udfff"]}', r"sft\.jsonl:2: lone surrogate .*'meta'"),
+        (b'{"prompt": "p", "response": "r"', r"sft\.jsonl:2: invalid JSON"),
+        (b'"just a string"', r"sft\.jsonl:2: expected a JSON object, got str"),
+        (b"null", r"sft\.jsonl:2: expected a JSON object, got NoneType"),
+        (b'{"prompt": null, "response": "r"}', r"sft\.jsonl:2: field 'prompt' must be a string, got NoneType"),
+        (b'{"prompt": ["p"], "response": "r"}', r"sft\.jsonl:2: field 'prompt' must be a string, got list"),
+        (b"[" * 100_000, r"sft\.jsonl:2: invalid JSON"),
+    ],
+)
+def test_read_sft_jsonl_bad_bytes_and_rows_name_the_line(tmp_path, bad_line, message):
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes(GOOD_SFT + bad_line + b"\n" + GOOD_SFT)
+    with pytest.raises(ValueError, match=message):
+        read_sft_jsonl(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"  \n\n\t\n", b"\r\n"])
+def test_read_sft_jsonl_refuses_a_file_without_examples(tmp_path, content):
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"sft\.jsonl: no SFT examples \(the file is empty or holds only blank lines\)"):
+        read_sft_jsonl(path)
+
+
+def test_read_sft_jsonl_keeps_valid_unicode_and_a_bom(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes("\ufeff".encode() + '{"prompt": "é \\ud83d\\ude00", "response": "日本"}\r\n'.encode())
+    assert read_sft_jsonl(path) == [{"prompt": "é \U0001f600", "response": "日本"}]
+
+
+def test_read_sft_jsonl_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        read_sft_jsonl(tmp_path / "nope.jsonl")
+
+
+def _amc23(tmp_path, content: bytes):
+    (tmp_path / "amc23").mkdir(exist_ok=True)
+    (tmp_path / "amc23" / "test.jsonl").write_bytes(content)
+    return tmp_path
+
+
+GOOD_AMC = b'{"id": 0, "problem": "1+1?", "answer": 2}\n'
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        (b'{"id": 1, "problem": "\xc3(", "answer": 2}', r"test\.jsonl:2: not valid UTF-8"),
+        (b'{"id": 1, "problem": "\\ud800", "answer": 2}', r"test\.jsonl:2: lone surrogate .*field 'problem'"),
+        (b'{"id": 1, "problem": "q", "answer": 2,}', r"test\.jsonl:2: invalid JSON"),
+        (b"[1, 2]", r"test\.jsonl:2: expected a JSON object, got list"),
+        (b'{"id": 1, "answer": 2}', r"test\.jsonl:2: bad amc23 row: missing field 'problem'"),
+        (b'{"id": 1, "problem": "q", "answer": null}', r"test\.jsonl:2: bad amc23 row: field 'answer' must be"),
+        (b'{"id": 1, "problem": "q", "answer": ""}', r"test\.jsonl:2: bad amc23 row: field 'answer' is empty"),
+        (b'{"id": 1, "problem": 5, "answer": 2}', r"test\.jsonl:2: bad amc23 row: field 'problem' must be str"),
+    ],
+)
+def test_benchmark_bad_rows_name_the_line(tmp_path, bad_line, message):
+    root = _amc23(tmp_path, GOOD_AMC + b"\n" + bad_line + b"\n")
+    # Line 2 is blank, so the bad row is line 3: the message must count lines, not rows.
+    with pytest.raises(ValueError, match=message.replace(":2:", ":3:")):
+        load_benchmark("amc23", root=root)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_empty_benchmark_file_is_an_error(tmp_path, content):
+    with pytest.raises(ValueError, match=r"amc23[/\\]test\.jsonl: benchmark 'amc23' has no rows"):
+        load_benchmark("amc23", root=_amc23(tmp_path, content))
+
+
+def test_gsm8k_row_without_answer_line_names_the_line(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    rows = [{"question": "q", "answer": "x\n#### 3"}, {"question": "q", "answer": "no marker"}]
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"test\.jsonl:2: bad gsm8k row: .*####"):
+        load_benchmark("gsm8k", root=tmp_path)
+
+
+def test_corrupt_gzip_is_named(tmp_path):
+    (tmp_path / "humaneval").mkdir()
+    (tmp_path / "humaneval" / "HumanEval.jsonl.gz").write_bytes(b"\x1f\x8bnot really gzip")
+    with pytest.raises(ValueError, match=r"HumanEval\.jsonl\.gz: corrupt gzip file"):
+        load_benchmark("humaneval", root=tmp_path)

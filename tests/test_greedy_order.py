@@ -10,6 +10,8 @@ for bit (they share one summation order).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -257,3 +259,118 @@ def test_cuda_extension_explains_why_it_is_unavailable():
 
     reason = _cuda.unavailable_reason()
     assert isinstance(reason, str) and reason
+
+
+# --- non-finite scores: NaN counts as -inf, every valid token still ordered exactly once -------------
+
+
+def oracle_steps_nonfinite(abar, s0, valid, step_size, block_size, block_mode):
+    """``oracle_steps`` with the documented rule for non-finite scores: NaN counts as -inf, ties (the
+    -inf ones included) go to the lower position. Independent of the backends like ``oracle_steps``."""
+    abar, s0, valid = abar.double().cpu(), s0.double().cpu(), valid.cpu()
+    B, R = s0.shape
+    steps = torch.full((B, R), -1, dtype=torch.int32)
+    if block_mode == "within" and block_size is not None:
+        windows = [range(start, min(start + block_size, R)) for start in range(0, R, block_size)]
+    else:
+        windows = [range(R)]
+
+    def sort_key(score, i):
+        value = float(score[i])
+        return (float("inf") if math.isnan(value) else -value, i)  # NaN sorts as -inf
+
+    for b in range(B):
+        picked, rank, round_number = [], {}, 0
+        for window in windows:
+            left = [i for i in window if valid[b, i]]
+            while left:
+                score = s0[b] + abar[b][:, picked].sum(dim=1)
+                chosen = sorted(left, key=lambda i: sort_key(score, i))[:step_size]
+                for i in chosen:
+                    rank[i] = round_number
+                picked += chosen
+                left = [i for i in left if i not in chosen]
+                round_number += 1
+        block_of = {i: (i // block_size if block_size is not None else 0) for i in rank}
+        numbering = {pair: n for n, pair in enumerate(sorted({(block_of[i], rank[i]) for i in rank}))}
+        for i in rank:
+            steps[b, i] = numbering[(block_of[i], rank[i])]
+    return steps
+
+
+def nonfinite_inputs(B, R, seed):
+    """Grid inputs (exact sums) with -inf, +inf and NaN sprinkled into ``s0`` and a few ``abar`` columns,
+    one row whose ``s0`` is all -inf and (B > 3) one row all NaN."""
+    abar, s0, valid = grid_inputs(B, R, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    specials = torch.tensor([float("-inf"), float("inf"), float("nan")])
+    where = torch.rand(B, R, generator=gen) < 0.3
+    s0 = torch.where(where, specials[torch.randint(0, 3, (B, R), generator=gen)], s0)
+    column_hit = torch.rand(B, R, R, generator=gen) < 0.02
+    abar = torch.where(column_hit, specials[torch.randint(0, 3, (B, R, R), generator=gen)], abar)
+    s0[1] = float("-inf")
+    valid[1] = True
+    if B > 3:
+        s0[3] = float("nan")
+        valid[3] = torch.rand(R, generator=gen) > 0.3
+    return abar, s0, valid
+
+
+def assert_dense_and_complete(steps, valid):
+    assert torch.equal(steps == -1, ~valid)  # -1 exactly where not valid
+    for b in range(steps.shape[0]):
+        used = steps[b][valid[b]].unique()
+        assert torch.equal(used, torch.arange(used.numel(), dtype=torch.int32))  # dense 0..T-1
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize(
+    "R, step_size, block_size, block_mode",
+    [(13, 1, None, "global"), (37, 3, 5, "global"), (37, 2, 6, "within"), (29, 16, None, "global")],
+)
+def test_nonfinite_scores_match_the_nan_as_minus_inf_oracle(backend, device, R, step_size, block_size, block_mode):
+    abar, s0, valid = nonfinite_inputs(5, R, seed=R + step_size)
+    options = dict(step_size=step_size, block_size=block_size, block_mode=block_mode)
+    expected = oracle_steps_nonfinite(abar, s0, valid, **options)
+    steps = run(backend, device, abar, s0, valid, **options)
+    assert_dense_and_complete(steps, valid)
+    assert torch.equal(steps, expected)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_nonfinite_hand_example(backend, device):
+    # +inf first, then the finite scores by size, then NaN (= -inf) and -inf by position.
+    s0 = torch.tensor([[float("nan"), 0.1, float("-inf"), 0.3, float("inf"), 0.2, float("-inf")]])
+    valid = torch.ones(1, 7, dtype=torch.bool)
+    valid[0, 6] = False
+    steps = run(backend, device, torch.zeros(1, 7, 7), s0, valid, step_size=1)
+    assert steps.tolist() == [[4, 3, 5, 1, 0, 2, -1]]
+    # Two per round: {4, 3}, {5, 1}, {0, 2}.
+    assert run(backend, device, torch.zeros(1, 7, 7), s0, valid, step_size=2).tolist() == [[2, 1, 2, 0, 0, 1, -1]]
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("fill", [float("-inf"), float("nan")])
+def test_all_minus_inf_or_nan_row_goes_left_to_right(backend, device, fill):
+    R = 9
+    valid = torch.ones(2, R, dtype=torch.bool)
+    valid[1, [0, 4]] = False
+    s0 = torch.full((2, R), fill)
+    abar = torch.rand(2, R, R)  # finite columns cannot lift -inf/NaN scores
+    steps = run(backend, device, abar, s0, valid, step_size=2)
+    assert steps[0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+    assert steps[1].tolist() == [-1, 0, 0, 1, -1, 1, 2, 2, 3]
+    steps = run(backend, device, abar, s0, valid, step_size=1, block_size=4, block_mode="within")
+    assert steps[1].tolist() == [-1, 0, 1, 2, -1, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("backend, device", [p for p in BACKEND_DEVICES if p.values[0] != "torch"])
+def test_nonfinite_continuous_inputs_agree_with_reference_bit_for_bit(backend, device):
+    abar, s0, valid = continuous_inputs(3, 51, seed=7)
+    s0[0, ::4] = float("nan")
+    s0[1, 1::3] = float("-inf")
+    abar[2, :, 10] = float("nan")  # picking token 10 poisons every score of row 2
+    options = dict(step_size=3, block_size=8, block_mode="global")
+    expected = run("torch", "cpu", abar, s0, valid, **options)
+    assert_dense_and_complete(expected, valid)
+    assert torch.equal(run(backend, device, abar, s0, valid, **options), expected)

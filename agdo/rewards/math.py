@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -20,26 +21,36 @@ import time
 from pathlib import Path
 
 from agdo.rewards._pipes import LineReader
+from agdo.rewards.exact import check_columns, gold_text
 
 _WORKER_SCRIPT = Path(__file__).with_name("_math_worker.py")
 
 
+_BOX_OR_BRACE = re.compile(r"\\boxed\{|[{}]")
+
+
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` in ``text`` (braces balanced), or None if there is none."""
-    start = text.rfind("\\boxed{")
-    while start != -1:
-        content_start = start + len("\\boxed{")
-        depth = 1
-        for position in range(content_start, len(text)):
-            if text[position] == "{":
-                depth += 1
-            elif text[position] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[content_start:position]
-        # Unclosed (e.g. a truncated completion): fall back to the previous, complete box.
-        start = text.rfind("\\boxed{", 0, start)
-    return None
+    """Content of the last ``\\boxed{...}`` in ``text`` (braces balanced), or None if there is none.
+
+    "Last" means the closed box that starts last; an unclosed box (a truncated completion) is skipped, so
+    the previous complete box counts. One left-to-right pass over the braces with a stack: linear time
+    even on adversarial text such as ``"\\boxed{" * 50000`` (each box scanning to the end would be
+    quadratic).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"last_boxed takes a string, got {type(text).__name__}")
+    best_start, best = -1, None
+    stack: list[int] = []  # for each open brace: where its box's content starts, or -1 for a plain brace
+    for match in _BOX_OR_BRACE.finditer(text):
+        token = match.group()
+        if token == "}":
+            if stack:
+                content_start = stack.pop()
+                if content_start > best_start:
+                    best_start, best = content_start, text[content_start : match.start()]
+        else:
+            stack.append(match.end() if token != "{" else -1)
+    return best
 
 
 def gsm8k_gold(solution: str) -> str:
@@ -131,10 +142,16 @@ def default_verifier() -> MathVerifier:
 
 
 def math_reward(completions: list[str], answer: list[str], verifier: MathVerifier | None = None, **_) -> list[float]:
-    """1.0 where the completion's last ``\\boxed{}`` matches the gold ``answer``, else 0.0 (no box: 0.0)."""
+    """1.0 where the completion's last ``\\boxed{}`` matches the gold ``answer``, else 0.0 (no box: 0.0).
+
+    Raises ``TypeError``/``ValueError`` naming ``answer[i]`` for a gold answer that is ``None``, empty or
+    not text/number (before any check runs), and when the columns do not line up with ``completions``.
+    """
+    check_columns("math_reward", completions, answer=answer)
+    golds = [gold_text("math_reward", "answer", index, gold) for index, gold in enumerate(answer)]
     verifier = verifier or default_verifier()
     rewards = []
-    for completion, gold in zip(completions, answer, strict=True):
+    for completion, gold in zip(completions, golds, strict=True):
         predicted = last_boxed(completion)
-        rewards.append(float(predicted is not None and verifier.equivalent(str(gold), predicted)))
+        rewards.append(float(predicted is not None and verifier.equivalent(gold, predicted)))
     return rewards

@@ -9,20 +9,37 @@ from __future__ import annotations
 
 import ast
 import random
-import re
 from collections import Counter
 from fractions import Fraction
 
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+from agdo.rewards.exact import check_columns
+
+_OPEN, _CLOSE = "<answer>", "</answer>"
 # Longer answers are not plausible equations; the cap also keeps ast.parse away from deep nesting.
 _MAX_EQUATION_CHARS = 200
 _OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
 
 def final_answer(completion: str) -> str | None:
-    """Content of the last ``<answer>...</answer>`` block, stripped, or None."""
-    blocks = _ANSWER_BLOCK.findall(completion)
-    return blocks[-1].strip() if blocks else None
+    """Content of the last ``<answer>...</answer>`` block, stripped, or None.
+
+    Blocks are found as ``re.findall(r"<answer>(.*?)</answer>", completion, re.DOTALL)`` would find them
+    (left to right, each from an opening tag to the first closing tag after it), but with ``str.find``
+    in one pass: linear time on adversarial text such as ``"<answer>" * 100000``, where the regex retries
+    every unclosed opening tag to the end of the string (quadratic).
+    """
+    if not isinstance(completion, str):
+        raise TypeError(f"final_answer takes a string, got {type(completion).__name__}")
+    last, position = None, 0
+    while True:
+        opened = completion.find(_OPEN, position)
+        if opened == -1:
+            break
+        closed = completion.find(_CLOSE, opened + len(_OPEN))
+        if closed == -1:  # no later opening tag can close either
+            break
+        last, position = (opened + len(_OPEN), closed), closed + len(_CLOSE)
+    return None if last is None else completion[last[0] : last[1]].strip()
 
 
 # ----------------------------------------------------------------------------------------------- Countdown
@@ -69,7 +86,9 @@ def check_countdown(completion: str, numbers: list[int], target: int) -> bool:
     """Whether the final ``<answer>`` is an equation using each of ``numbers`` exactly once that equals ``target``.
 
     ``<answer>(3 + 5) * 2</answer>`` and ``<answer>(3 + 5) * 2 = 16</answer>`` are both accepted.
+    A malformed task raises (see :func:`check_countdown_task`).
     """
+    check_countdown_task(numbers, target)
     answer = final_answer(completion)
     if answer is None:
         return False
@@ -83,8 +102,30 @@ def check_countdown(completion: str, numbers: list[int], target: int) -> bool:
     return value == target and Counter(used) == Counter(numbers)
 
 
+def check_countdown_task(numbers, target, index: int | None = None) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``numbers`` is a non-empty list of non-negative ints and
+    ``target`` an int (bools and floats are refused: ``1.0 == 1`` would grade them as if they were ints)."""
+    at = "" if index is None else f"[{index}]"
+    if not isinstance(numbers, (list, tuple)) or not numbers:
+        raise TypeError(f"countdown: numbers{at} must be a non-empty list of ints, got {numbers!r:.80}")
+    for position, number in enumerate(numbers):
+        if type(number) is not int or number < 0:
+            raise TypeError(
+                f"countdown: numbers{at}[{position}] must be a non-negative int, got {type(number).__name__} {number!r}"
+            )
+    if type(target) is not int:
+        raise TypeError(f"countdown: target{at} must be an int, got {type(target).__name__} {target!r:.60}")
+
+
 def countdown_reward(completions: list[str], numbers: list[list[int]], target: list[int], **_) -> list[float]:
-    """1.0 per completion whose final equation solves its Countdown task, else 0.0."""
+    """1.0 per completion whose final equation solves its Countdown task, else 0.0.
+
+    A malformed task raises ``TypeError``/``ValueError`` naming ``numbers[i]``/``target[i]`` (see
+    :func:`check_countdown_task`).
+    """
+    check_columns("countdown_reward", completions, numbers=numbers, target=target)
+    for index, (task_numbers, task_target) in enumerate(zip(numbers, target, strict=True)):
+        check_countdown_task(task_numbers, task_target, index)
     return [
         float(check_countdown(completion, task_numbers, task_target))
         for completion, task_numbers, task_target in zip(completions, numbers, target, strict=True)
@@ -154,20 +195,55 @@ def _random_equation(numbers: list[int], rng: random.Random) -> tuple[str, int] 
 # ----------------------------------------------------------------------------------------------- Sudoku
 
 
+_CELLS = "0123456789."
+SUDOKU_SIZES = (4, 9)  # perfect squares whose digits are single characters
+
+
 def parse_grid(text: str, size: int) -> list[int] | None:
     """Digits of a ``size`` x ``size`` grid in row-major order (``0`` or ``.`` for blanks), separators ignored.
 
-    Returns None unless exactly ``size * size`` cells are present.
+    Returns None unless exactly ``size * size`` cells are present. Linear time; it stops reading at the
+    first cell past ``size * size``, so a huge answer costs no more than that.
     """
-    cells = [0 if char == "." else int(char) for char in text if char in "0123456789."]
-    return cells if len(cells) == size * size else None
+    cells: list[int] = []
+    limit = size * size
+    for char in text:
+        if char in _CELLS:
+            if len(cells) == limit:
+                return None
+            cells.append(0 if char == "." else ord(char) - 48)
+    return cells if len(cells) == limit else None
+
+
+def check_sudoku_task(puzzle, size, index: int | None = None) -> list[int]:
+    """The givens of a Sudoku task; raises ``TypeError``/``ValueError`` naming ``size``/``puzzle`` unless
+    ``size`` is an int in :data:`SUDOKU_SIZES` and ``puzzle`` holds exactly ``size * size`` cells, each a
+    blank (``0``/``.``) or a digit ``1..size``."""
+    at = "" if index is None else f"[{index}]"
+    if type(size) is not int:
+        raise TypeError(f"sudoku: size{at} must be an int in {SUDOKU_SIZES}, got {type(size).__name__} {size!r:.40}")
+    if size not in SUDOKU_SIZES:
+        raise ValueError(f"sudoku: size{at} must be one of {SUDOKU_SIZES}, got {size}")
+    if not isinstance(puzzle, str):
+        raise TypeError(f"sudoku: puzzle{at} must be a string of {size * size} cells, got {type(puzzle).__name__}")
+    cells = sum(char in _CELLS for char in puzzle)
+    if cells != size * size:
+        raise ValueError(f"sudoku: puzzle{at} must hold {size * size} cells (digits, 0 or . for blanks), got {cells}")
+    givens = parse_grid(puzzle, size)
+    too_big = [digit for digit in givens if digit > size]
+    if too_big:
+        raise ValueError(f"sudoku: puzzle{at} has the digit {too_big[0]}, above size {size}")
+    return givens
 
 
 def check_sudoku(completion: str, puzzle: str, size: int) -> bool:
-    """Whether the final ``<answer>`` is a complete, valid grid that keeps every given of ``puzzle``."""
+    """Whether the final ``<answer>`` is a complete, valid grid that keeps every given of ``puzzle``.
+
+    A malformed task raises (see :func:`check_sudoku_task`).
+    """
+    givens = check_sudoku_task(puzzle, size)
     answer = final_answer(completion)
-    givens = parse_grid(puzzle, size)
-    if answer is None or givens is None:
+    if answer is None:
         return False
     grid = parse_grid(answer, size)
     if grid is None or any(given and given != cell for given, cell in zip(givens, grid)):
@@ -194,7 +270,14 @@ def _box_side(size: int) -> int:
 
 
 def sudoku_reward(completions: list[str], puzzle: list[str], size: list[int], **_) -> list[float]:
-    """1.0 per completion whose final grid solves its Sudoku, else 0.0."""
+    """1.0 per completion whose final grid solves its Sudoku, else 0.0.
+
+    A malformed task raises ``TypeError``/``ValueError`` naming ``size[i]``/``puzzle[i]`` (see
+    :func:`check_sudoku_task`).
+    """
+    check_columns("sudoku_reward", completions, puzzle=puzzle, size=size)
+    for index, (task_puzzle, task_size) in enumerate(zip(puzzle, size, strict=True)):
+        check_sudoku_task(task_puzzle, task_size, index)
     return [
         float(check_sudoku(completion, task_puzzle, task_size))
         for completion, task_puzzle, task_size in zip(completions, puzzle, size, strict=True)

@@ -29,7 +29,8 @@ def _block_probs(q_rows, k, bias, scale):
     """Probabilities of a block of query rows, grouped by KV head.
 
     q_rows ``(B, H, m, d)``, k ``(B, Hkv, N, d)`` → ``(P, lse)`` with P ``(B, Hkv, g, m, N)`` and
-    lse ``(B, Hkv, g, m)``. Rows with no real key get P = 0 and lse = -inf.
+    lse ``(B, Hkv, g, m)``. Rows with no real key get P = 0 and lse = -inf. Only those rows are zeroed:
+    a NaN or overflowed (``+inf``) row stays non-finite, so the public wrapper sees it (``_nonfinite``).
     """
     B, H, m, d = q_rows.shape
     Hkv = k.shape[1]
@@ -37,7 +38,7 @@ def _block_probs(q_rows, k, bias, scale):
     logits = torch.matmul(qg, k[:, :, None].transpose(-1, -2)) * scale + bias
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse[..., None])
-    return torch.nan_to_num(probs, nan=0.0), lse
+    return torch.where(torch.isneginf(lse)[..., None], 0.0, probs), lse
 
 
 def _row_blocks(rows: torch.Tensor):
@@ -67,7 +68,7 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
             out[:, :, rows] = o.reshape(B, H, m, -1).to(q.dtype)
         if return_lse:
             block_lse = block_lse.reshape(B, H, m)
-            lse[:, :, rows] = torch.where(torch.isfinite(block_lse), block_lse, torch.zeros_like(block_lse))
+            lse[:, :, rows] = torch.where(torch.isneginf(block_lse), torch.zeros_like(block_lse), block_lse)
     if attention_mask is not None:
         s = s * attention_mask
     return s, out, lse

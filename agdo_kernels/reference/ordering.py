@@ -8,8 +8,13 @@ Every backend splits the work the same way:
 
 The float summation order of ``S`` is part of the contract, so that every float32 backend makes the same
 picks bit for bit: ``S <- S + delta`` once per round, where ``delta = ((0 + c_1) + c_2) + ... + c_k`` adds the
-round's columns in pick order (highest ``S`` first, lower position first on ties). Non-finite scores give
-an unspecified (but terminating) order.
+round's columns in pick order (highest ``S`` first, lower position first on ties).
+
+Non-finite scores (the same rule on every backend): when picking, a NaN in ``S`` counts as ``-inf``; a
+pick is the largest ``S`` among the candidates, ties (``-inf`` ones included) to the lowest position. So a
+row whose scores are all ``-inf``/NaN is ordered by position, and every valid token gets exactly one
+rank, ``-1`` exactly where not valid. ``+inf`` is an ordinary largest score. ``S`` itself keeps the
+NaN (a NaN column makes the scores it is added to NaN, i.e. ``-inf`` for later picks).
 """
 
 from __future__ import annotations
@@ -69,7 +74,10 @@ def greedy_ranks(abar_rr, s0, valid, step_size: int, window: int) -> torch.Tenso
             delta = torch.zeros_like(score)
             for _ in range(step_size):
                 has_pick = candidate.any(-1)
-                picked = score.masked_fill(~candidate, float("-inf")).argmax(-1)  # first maximum on ties
+                # NaN counts as -inf; the first candidate holding the best key (also when it is -inf).
+                key = torch.where(candidate & ~torch.isnan(score), score, float("-inf"))
+                best = key.amax(-1, keepdim=True)
+                picked = (candidate & (key == best)).to(torch.uint8).argmax(-1)  # first maximum on ties
                 candidate[rows, picked] = False
                 rank[rows, picked] = torch.where(has_pick, round_index, rank[rows, picked])
                 delta += torch.where(has_pick[:, None], columns[rows, picked], 0.0)

@@ -1,11 +1,13 @@
 """Triton greedy order (AGDO Algorithm 1): one persistent program per sequence.
 
 The program keeps the whole row on chip: ``S``, the round's column sum ``delta``, the candidate mask and
-the ranks are ``BLOCK_R``-wide registers (``BLOCK_R`` = next power of two >= R). Each pick is a
-tie-break-left ``argmax`` (largest ``S``, lowest position on ties) followed by one contiguous load of
-the picked column, so every column of ``Abar`` is read once. ``Abar`` is transposed once up front to
-make a column contiguous. The summation order matches the torch reference (see
-``agdo_kernels.reference.ordering``), so float32 results are identical bit for bit.
+the ranks are ``BLOCK_R``-wide registers (``BLOCK_R`` = next power of two >= R). Each pick is the largest
+``S`` among the candidates (a max, then a min over the positions holding it: lowest position on ties)
+followed by one contiguous load of the picked column, so every column of ``Abar`` is read once. ``Abar``
+is transposed once up front to make a column contiguous. The summation order matches the torch reference
+(see ``agdo_kernels.reference.ordering``), so float32 results are identical bit for bit. Non-finite
+scores follow the reference's rule: NaN counts as ``-inf``, and ``-inf`` candidates are still picked
+(lowest position first), so every valid token gets a rank.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ def _greedy_rank_kernel(columns_ptr, s0_ptr, valid_ptr, rank_ptr, R, step_size, 
             take = tl.minimum(left, step_size)
             delta = tl.zeros([BLOCK_R], tl.float32)
             for _ in range(take):
-                picked = tl.argmax(tl.where(candidate, score, float("-inf")), axis=0, tie_break_left=True)
+                key = tl.where(candidate & (score == score), score, float("-inf"))  # noqa: PLR0124 (NaN counts as -inf)
+                best = tl.max(key, axis=0)
+                picked = tl.min(tl.where(candidate & (key == best), offs, BLOCK_R), axis=0)
                 is_picked = offs == picked
                 candidate = candidate & ~is_picked
                 rank = tl.where(is_picked, round_index, rank)
