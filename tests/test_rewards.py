@@ -1,26 +1,20 @@
-"""Rewards: math (math-verify in a child with our deadline), Countdown/Sudoku checkers, and the code sandbox."""
+"""Rewards: math (math-verify in a child with our deadline), Countdown/Sudoku checkers (the code sandbox: test_code_sandbox.py)."""
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from agdo.rewards import (
-    SandboxLimits,
     check_countdown,
     check_sudoku,
-    code_reward,
     generate_countdown,
     generate_sudoku,
     get_reward,
     gsm8k_gold,
     last_boxed,
     math_reward,
-    run_tests_in_sandbox,
-    split_humaneval_tests,
 )
 from agdo.rewards.math import MathVerifier
 
@@ -153,116 +147,3 @@ def test_registry():
     assert get_reward("countdown")(["<answer>1 + 2</answer>"], numbers=[[1, 2]], target=[3], unused=[None]) == [1.0]
     with pytest.raises(KeyError, match="available"):
         get_reward("nope")
-
-
-# ----------------------------------------------------------------------------------------------- code sandbox
-
-FAST = SandboxLimits(test_timeout=1.0, total_timeout=4.0, startup_timeout=3.0)
-RUNNER_NAME = b"_sandbox_runner.py"
-
-
-def sandbox_processes() -> list[int]:
-    """Pids of any process still running our sandbox runner (forked children keep the parent's cmdline)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and RUNNER_NAME in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
-@pytest.fixture
-def sandbox_root(tmp_path, monkeypatch):
-    """Sandbox temporary directories go under a fresh folder, so the test can check they are removed."""
-    root = tmp_path / "sandboxes"
-    root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(root))
-    yield root
-    assert list(root.iterdir()) == []
-    assert sandbox_processes() == []
-
-
-def test_sandbox_scores_per_test_and_survives_a_hanging_test(sandbox_root):
-    program = "def f(x):\n    while x == 2:\n        pass\n    return x + 1\n"
-    tests = ["assert f(1) == 2", "assert f(2) == 3", "assert f(3) == 4", "assert f(4) == 0"]
-    assert run_tests_in_sandbox(program, tests, FAST) == [True, False, True, False]
-
-
-@pytest.mark.parametrize(
-    "name, program",
-    [
-        ("infinite loop", "def f():\n    while True:\n        pass\n"),
-        ("fork bomb", "import os\ndef f():\n    while True:\n        os.fork()\n"),
-        ("fork via ctypes", "def f():\n    import ctypes\n    while True:\n        ctypes.CDLL(None).fork()\n"),
-        ("subprocess", "import subprocess\ndef f():\n    subprocess.run(['sleep', '100'])\n"),
-        ("huge allocation", "def f():\n    return bytearray(10**11)\n"),
-        ("exit the runner", "import os\ndef f():\n    os._exit(0)\n"),
-        ("sleep at import", "import time\ntime.sleep(100)\ndef f():\n    pass\n"),
-    ],
-)
-def test_sandbox_contains_hostile_code(sandbox_root, name, program):
-    started = time.monotonic()
-    assert run_tests_in_sandbox(program, ["f()", "f()"], FAST) == [False, False], name
-    assert time.monotonic() - started < 2 * (FAST.startup_timeout + FAST.test_timeout) + 1
-
-
-def test_sandbox_blocks_writes_outside_its_directory_but_allows_inside(sandbox_root, tmp_path):
-    target = tmp_path / "escaped.txt"
-    program = (
-        "import os\n"
-        f"def outside():\n    open({str(target)!r}, 'w').write('x')\n"
-        f"def shell():\n    os.system('touch {target}')\n"
-        "def inside():\n    open('scratch.txt', 'w').write('ok')\n    return open('scratch.txt').read()\n"
-    )
-    tests = ["outside()", "shell()", "assert inside() == 'ok'"]
-    assert run_tests_in_sandbox(program, tests, FAST) == [False, False, True]
-    assert not target.exists()
-
-
-def test_sandbox_environment_is_minimal(sandbox_root, monkeypatch):
-    monkeypatch.setenv("AGDO_TEST_SECRET", "do-not-leak")
-    program = "import os, sys\ndef env():\n    return dict(os.environ)\n"
-    tests = ["assert 'AGDO_TEST_SECRET' not in env()", "assert sys.stdin is None or sys.stdin.read() == ''"]
-    assert run_tests_in_sandbox(program, tests, FAST) == [True, True]
-
-
-HUMANEVAL_TEST = '''
-
-METADATA = {'author': 'test'}
-
-
-def check(candidate):
-    import math
-    assert candidate(1, 2) == 3
-    assert candidate(0, 0) == 0
-    scale = 10
-    for i in range(3):
-        assert candidate(i, scale) == i + scale
-    assert candidate(-1, 1) == 0
-    assert True, "free point"
-'''
-HUMANEVAL_PROMPT = 'def add(a, b):\n    """Add two numbers."""\n'
-
-
-def test_split_humaneval_tests_keeps_setup_and_drops_free_asserts():
-    tests = split_humaneval_tests(HUMANEVAL_TEST, "add")
-    assert len(tests) == 4
-    assert all(test.rstrip().endswith("check(add)") for test in tests)
-    assert "scale = 10" in tests[2] and "import math" in tests[0]
-
-
-def test_code_reward_fractions(sandbox_root):
-    completions = [
-        "    return a + b\n",
-        "    return abs(a) + b if a != -1 else 5\n",  # fails only the last test
-        "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\n",
-        "    return a - b\n",  # passes only candidate(0, 0)
-        "    while True:\n        pass\n",
-    ]
-    n = len(completions)
-    rewards = code_reward(
-        completions, prompt=[HUMANEVAL_PROMPT] * n, test=[HUMANEVAL_TEST] * n, entry_point=["add"] * n, limits=FAST
-    )
-    assert rewards == [1.0, 0.75, 1.0, 0.25, 0.0]
