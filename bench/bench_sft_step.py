@@ -1,7 +1,7 @@
 """Cost of one AGDO-SFT optimizer step vs one random-masking SFT step with the same number of rows.
 
-Both go through ``agdo.training.sft.sft_step`` with a real (single-process) ``accelerate.Accelerator``,
-then ``optimizer.step()`` (AdamW) and ``zero_grad``:
+Both go through ``agdo.training.sft.SFTTrainer.step`` with a real (single-process) ``accelerate.Accelerator``:
+rows, chunked forward/backward, clipping, ``optimizer.step()`` (AdamW) and ``zero_grad``:
 
 - ``random`` (baseline): LLaDA-style random masks, ``K`` rows per sample, forward/backward;
 - ``agdo``: the same plus the order forward (no-grad adapter forward capturing the last layer's
@@ -30,7 +30,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 import agdo_kernels
 from agdo.models import load_adapter
-from agdo.training.sft import SFTConfig, sft_step
+from agdo.training.sft import SFTConfig, SFTTrainer
 
 CASES = {
     "cpu-tiny": dict(model="tiny", device="cpu", dtype=torch.float32, batch=2, prompt=16, response=32, stop_tail=8,
@@ -100,52 +100,30 @@ def _batch(adapter, case):
             "index": torch.arange(B, device=device)}
 
 
-_STATE: dict = {}
-
-
-def _setup(case_name):
-    """One model, optimizer and accelerator per case, shared by both methods (freed when the case changes)."""
-    if _STATE.get("case") != case_name:
-        _STATE.clear()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        case = CASES[case_name]
-        adapter = _build_adapter(case)
-        # A fresh accelerate state per case: the CPU case needs cpu=True even on a CUDA machine.
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        accelerator = Accelerator(cpu=case["device"] == "cpu")
-        optimizer = torch.optim.AdamW(adapter.model.parameters(), lr=1e-6)
-        model, optimizer = accelerator.prepare(adapter.model, optimizer)
-        _STATE.update(case=case_name, adapter=adapter, accelerator=accelerator, model=model, optimizer=optimizer,
-                      batch=_batch(adapter, case))
-    return _STATE
-
-
-def _config(method, case):
+def _config(method, case, output_dir):
     K = case["rows_per_sample"]
-    return SFTConfig(method=method, step_size=case["step_size"], post_num=case["post_num"],
+    return SFTConfig(output_dir=str(output_dir), method=method, step_size=case["step_size"], post_num=case["post_num"],
                      max_steps_per_sample=K, random_masks_per_sample=K,
-                     forward_batch_size=case["forward_batch_size"], gamma=100.0)
+                     forward_batch_size=case["forward_batch_size"], gamma=100.0, learning_rate=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case_name", list(CASES))
-def test_sft_step(measure, case_name, method):
+def test_sft_step(measure, tmp_path, case_name, method):
     case = CASES[case_name]
     if case["device"] == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    state = _setup(case_name)
-    config = _config(method, case)
-    adapter, accelerator, model, optimizer, batch = (state[k] for k in ("adapter", "accelerator", "model",
-                                                                         "optimizer", "batch"))
+    # A fresh accelerate state per case: the CPU case needs cpu=True even on a CUDA machine.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    adapter = _build_adapter(case)
+    batch = _batch(adapter, case)
+    trainer = SFTTrainer(_config(method, case, tmp_path), adapter, [None],
+                         accelerator=Accelerator(cpu=case["device"] == "cpu"))
     expected_rows = case["batch"] * case["rows_per_sample"]
 
     def step():
-        metrics = sft_step(config, accelerator, adapter, model, [batch], epoch=0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return metrics
+        return trainer.step([batch], epoch=0)
 
     metrics = step()  # also checks both methods really train on the same number of rows
     assert metrics["rows"] == expected_rows, (method, metrics)

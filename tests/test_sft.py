@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,64 +24,24 @@ from agdo.training.metrics import MetricsLogger
 from agdo.training.sft import SFT_METHODS, SFTConfig, train_sft
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sft_worker import build_tiny_run  # noqa: E402
+from train_worker import build_tiny_run  # noqa: E402
+from training_helpers import (  # noqa: E402,F401  (fresh_accelerate, one_thread: autouse fixtures)
+    assert_same_weights, fresh_accelerate, launch_two_processes, launch_unavailable, metrics, one_thread, params,
+    reset_accelerate,
+)
 
-WORKER = Path(__file__).parent / "sft_worker.py"
-REPO = Path(__file__).resolve().parents[1]
 
 # Small and fast: post_num=1 trains the EOS only (4 trained tokens a sample), 2 random masks per sample.
 BASE = dict(post_num=1, learning_rate=1e-3, random_masks_per_sample=2, per_device_train_batch_size=4,
             forward_batch_size=4, max_steps=2, save_steps=100)
 
 
-def _reset_accelerate():
-    """A fresh process as far as accelerate knows: its state objects are process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls: with 2 OpenMP threads on a busy 2-core machine each op waits on the other thread
-    # (x1000 slower); the 2-process test runs its workers with one thread each too.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _train(output_dir, *, model_seed=0, **overrides):
     """One in-process run on a fresh model; returns its adapter (model trained in place)."""
-    _reset_accelerate()
+    reset_accelerate()
     adapter, dataset = build_tiny_run(model_seed=model_seed)
     train_sft(SFTConfig(output_dir=str(output_dir), **{**BASE, **overrides}), adapter=adapter, dataset=dataset)
     return adapter
-
-
-def _metrics(output_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _params(adapter) -> dict:
-    return {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
-
-
-def _assert_same_weights(a: dict, b: dict, *, exact=True, atol=0.0):
-    assert a.keys() == b.keys()
-    for name in a:
-        if exact:
-            assert torch.equal(a[name], b[name]), f"{name} differs: max |diff| {(a[name] - b[name]).abs().max():.3e}"
-        else:
-            torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 # ------------------------------------------------------------------------------------------- smoke
@@ -92,11 +49,11 @@ def _assert_same_weights(a: dict, b: dict, *, exact=True, atol=0.0):
 
 @pytest.mark.parametrize("method", SFT_METHODS)
 def test_smoke_every_method(tmp_path, method):
-    initial = _params(build_tiny_run()[0])
+    initial = params(build_tiny_run()[0])
     adapter = _train(tmp_path, method=method, block_size=2 if method == "blockwise" else None)
-    trained = _params(adapter)
+    trained = params(adapter)
 
-    logged = _metrics(tmp_path)
+    logged = metrics(tmp_path)
     assert [m["step"] for m in logged] == [1, 2]
     for m in logged:
         assert math.isfinite(m["loss"]) and m["loss"] > 0
@@ -113,7 +70,7 @@ def test_smoke_every_method(tmp_path, method):
     assert (tmp_path / "checkpoint-2" / "trainer_state.json").is_file()  # the last step is always saved
     reloaded = load_adapter(final)
     assert reloaded.mask_token_id == adapter.mask_token_id and reloaded.tokenizer is not None
-    _assert_same_weights(_params(reloaded), trained)  # tied lm_head included
+    assert_same_weights(params(reloaded), trained)  # tied lm_head included
     assert json.loads((tmp_path / "config.json").read_text())["method"] == method
 
 
@@ -137,8 +94,8 @@ def test_gradient_accumulation_equals_larger_batch(tmp_path, method):
     large = _train(tmp_path / "large", per_device_train_batch_size=4, gradient_accumulation_steps=1, **common)
     accumulated = _train(tmp_path / "accum", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common)
 
-    _assert_same_weights(_params(large), _params(accumulated))
-    for a, b in zip(_metrics(tmp_path / "large"), _metrics(tmp_path / "accum"), strict=True):
+    assert_same_weights(params(large), params(accumulated))
+    for a, b in zip(metrics(tmp_path / "large"), metrics(tmp_path / "accum"), strict=True):
         assert a["step"] == b["step"] and a["rows"] == b["rows"] == 4 * rows
         assert a["supervised_tokens"] == b["supervised_tokens"]
         assert a["grad_norm"] == b["grad_norm"] and a["lr"] == b["lr"]
@@ -152,14 +109,14 @@ def test_gradient_accumulation_with_unequal_rows_per_micro_batch(tmp_path):
     normalised each micro-batch by its own rows would be off by ~0.3% in the step-2 gradient norm."""
     logs = []
     for name, batch, accumulation in (("large", 4, 1), ("accum", 2, 2)):
-        _reset_accelerate()
+        reset_accelerate()
         adapter, dataset = build_tiny_run()
         eos = adapter.tokenizer.eos_token_id
         dataset.pairs = [(p, r[:-2] + [eos, eos]) if i % 3 == 0 else (p, r) for i, (p, r) in enumerate(dataset.pairs)]
         config = SFTConfig(output_dir=str(tmp_path / name), **{**BASE, "method": "left_to_right", "max_steps": 3,
                            "per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation})
         train_sft(config, adapter=adapter, dataset=dataset)
-        logs.append(_metrics(tmp_path / name))
+        logs.append(metrics(tmp_path / name))
     assert len({m["rows"] % 2 for m in logs[0]}) == 2  # an odd number of rows: the halves differ
     for a, b in zip(*logs, strict=True):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
@@ -176,8 +133,8 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
     # 40 samples / batch 4 = 10 batches an epoch; a linear schedule with warmup makes the lr differ per
     # step, so a scheduler that was not restored shows in the logged lr.
     config = dict(method="agdo", max_steps=6, save_steps=2, lr_scheduler_type="linear", warmup_steps=2)
-    reference = _params(_train(tmp_path / "reference", **config))
-    reference_log = _metrics(tmp_path / "reference")
+    reference = params(_train(tmp_path / "reference", **config))
+    reference_log = metrics(tmp_path / "reference")
 
     run = tmp_path / "run"
     original_log = MetricsLogger.log
@@ -200,10 +157,10 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
     assert latest_checkpoint(run) == run / "checkpoint-2"
 
     # The restarted process builds a DIFFERENT model: the weights must come from the checkpoint.
-    resumed = _params(_train(run, model_seed=123, resume_from_checkpoint="latest", **config))
+    resumed = params(_train(run, model_seed=123, resume_from_checkpoint="latest", **config))
 
-    _assert_same_weights(resumed, reference)
-    log = _metrics(run)
+    assert_same_weights(resumed, reference)
+    log = metrics(run)
     assert [m["step"] for m in log] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(log, reference_log, strict=True):
         assert a["lr"] == b["lr"], f"step {a['step']}: scheduler not restored"
@@ -215,13 +172,13 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
 def test_resume_really_depends_on_the_checkpoint(tmp_path, monkeypatch):
     """Guard for the test above: resuming from a checkpoint whose optimizer state is lost is NOT exact."""
     config = dict(method="random", max_steps=4, save_steps=2)
-    reference = _params(_train(tmp_path / "reference", **config))
+    reference = params(_train(tmp_path / "reference", **config))
     run = tmp_path / "run"
     _train(run, **{**config, "max_steps": 2})  # stops (and saves) at step 2; max_steps only sets the schedule
     (run / "checkpoint-2" / "optimizer.bin").unlink()
     fresh_optimizer = torch.optim.AdamW(build_tiny_run()[0].model.parameters()).state_dict()
     torch.save(fresh_optimizer, run / "checkpoint-2" / "optimizer.bin")
-    resumed = _params(_train(run, resume_from_checkpoint="latest", **config))
+    resumed = params(_train(run, resume_from_checkpoint="latest", **config))
     assert any(not torch.equal(resumed[k], reference[k]) for k in reference)
 
 
@@ -239,32 +196,6 @@ def test_latest_checkpoint_ignores_partial_and_foreign_entries(tmp_path):
 # ------------------------------------------------------------------------------------ distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch_two_processes(output_dir, overrides: list[str]) -> subprocess.CompletedProcess:
-    """``accelerate launch`` with 2 processes on CPU (gloo).
-
-    accelerate 1.15's ``--cpu`` starts ONE process unless MPI is set up (``--mpirun_hostfile``); its torchrun
-    path is ``--multi_gpu``, and ``ACCELERATE_USE_CPU=true`` makes each process pick MULTI_CPU + gloo even
-    where CUDA exists (otherwise, without CUDA, every process would train alone).
-    """
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(WORKER), str(output_dir), *overrides]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _launch_unavailable(result) -> bool:
-    text = result.stderr + result.stdout
-    return any(s in text for s in ("Address already in use", "DistNetworkError", "connectFullMesh"))
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     """2 processes x 2 samples == 1 process x 4 samples, for 3 optimizer steps (method agdo).
@@ -279,23 +210,23 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     """
     common = ["method=agdo", "max_steps=3", "save_steps=2", "post_num=1", "learning_rate=1e-3",
               "forward_batch_size=8", "lr_scheduler_type=linear"]
-    result = _launch_two_processes(tmp_path / "ddp", [*common, "per_device_train_batch_size=2"])
-    if result.returncode != 0 and _launch_unavailable(result):
+    result = launch_two_processes("sft", tmp_path / "ddp", [*common, "per_device_train_batch_size=2"])
+    if result.returncode != 0 and launch_unavailable(result):
         pytest.skip(f"could not start 2 gloo processes here:\n{result.stderr[-2000:]}")
     assert result.returncode == 0, result.stderr[-4000:]
 
     single = _train(tmp_path / "single", method="agdo", max_steps=3, save_steps=2, post_num=1,
                     forward_batch_size=8, lr_scheduler_type="linear", per_device_train_batch_size=4)
     ddp = load_file(tmp_path / "ddp" / "final" / "model.safetensors")
-    reference = _params(single)
+    reference = params(single)
     assert set(ddp) <= set(reference) and "model.embed_tokens.weight" in ddp
-    initial = _params(build_tiny_run()[0])
+    initial = params(build_tiny_run()[0])
     for name, value in ddp.items():
         step = (reference[name] - initial[name]).abs().max()
         torch.testing.assert_close(value, reference[name], rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
         assert name.endswith("norm.weight") or step > 1e-4  # the tolerance is far below what training moved
 
-    ddp_log, single_log = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "single")
+    ddp_log, single_log = metrics(tmp_path / "ddp"), metrics(tmp_path / "single")
     assert [m["step"] for m in ddp_log] == [1, 2, 3]  # only the main process logs
     for a, b in zip(ddp_log, single_log, strict=True):
         assert a["rows"] == b["rows"] == 16 and a["supervised_tokens"] == b["supervised_tokens"]

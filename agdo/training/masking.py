@@ -2,7 +2,9 @@
 
 Every method produces :class:`MaskedRows` — one row per (sample, masking) pair — and every loss is a
 weighted sum over the supervised tokens, so the trainers share one forward and one loss:
-``loss = sum_rows sum_k weights[k] * nll_k / rows``. Per-row normalisations are folded into ``weights``.
+``loss = sum_rows sum_k weights[k] * term_k / rows`` (SFT: ``term`` = NLL; RL: the clipped surrogate).
+Per-row normalisations are folded into ``weights``; the division by the rows of the whole optimizer
+update is done by :meth:`agdo.training.loop.Trainer.optimizer_update`.
 The prompt is never masked; positions of the response region that are not trained (pads beyond
 ``post_num``) are always masked in the input and never supervised.
 """
@@ -22,6 +24,21 @@ class MaskedRows(NamedTuple):
     weights: torch.Tensor  # (M, N) float32, 0 where not supervised
     sample_index: torch.Tensor  # (M,) which batch sample each row came from
     step: torch.Tensor  # (M,) the order step a row trains (-1 for random masks)
+
+
+def sample_generator(seed: int, epoch: int, index: int, *extra: int, device=None) -> torch.Generator:
+    """The random stream of one sample, keyed by ``(seed, epoch, dataset index, *extra)`` — the same
+    whatever process or batch the sample lands in, and after a resume."""
+    key = seed
+    for part in (epoch, index, *extra):
+        key = (key * 1_000_003 + part) % (2**63)
+    return torch.Generator(device=device).manual_seed(key)
+
+
+def concat_rows(per_sample: list[MaskedRows]) -> MaskedRows:
+    """Rows of samples ``0..len-1`` (each with ``sample_index`` 0) as one batch, ``sample_index`` = position."""
+    shifted = [rows._replace(sample_index=rows.sample_index + b) for b, rows in enumerate(per_sample)]
+    return MaskedRows(*(torch.cat(parts) for parts in zip(*shifted)))
 
 
 def _assemble(input_ids, attention_mask, response_start, sample_index, masked, weights, mask_token_id, step):
@@ -115,8 +132,12 @@ def random_rows(
     return _assemble(input_ids, attention_mask, response_start, sample, hidden | ~row_trained, weights, mask_token_id, step)
 
 
-def weighted_nll(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``sum_k weights[k] * -log p(targets[k]) / num_rows``, evaluated only where ``weights > 0``."""
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``log p(targets[k])`` at the positions ``where`` holds (float32, 1-D in row-major order)."""
+    return -F.cross_entropy(logits[where].float(), targets[where], reduction="none")
+
+
+def weighted_nll(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_k weights[k] * -log p(targets[k])``, evaluated only where ``weights > 0``."""
     supervised = weights > 0
-    nll = F.cross_entropy(logits[supervised].float(), targets[supervised], reduction="none")
-    return (nll * weights[supervised]).sum() / max(num_rows, 1)
+    return -(token_logprobs(logits, targets, supervised) * weights[supervised]).sum()
