@@ -282,3 +282,22 @@ def read_sft_jsonl(path: str | os.PathLike) -> list[dict]:
     if not examples:
         raise DataError(f"{path}: no SFT examples (the file is empty or holds only blank lines)")
     return examples
+
+
+def read_task_jsonl(path: str | os.PathLike) -> list[dict]:
+    """RL task records from a jsonl file: objects with a string ``reward`` (a name in ``agdo.rewards``) and
+    the fields that reward reads (e.g. ``prompt`` + ``answer`` for ``exact``, or the HumanEval fields for
+    ``code``). Errors as :func:`read_sft_jsonl`, naming ``path:line``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file not found: {path}")
+    records = []
+    for number, record in _jsonl_objects(path):
+        if not isinstance(record.get("reward"), str):
+            raise DataError(f"{path}:{number}: expected an object with a string `reward` field")
+        if not isinstance(record.get("prompt", record.get("question")), str):
+            raise DataError(f"{path}:{number}: expected a string `prompt` (or `question` for math)")
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no task records (the file is empty or holds only blank lines)")
+    return records

@@ -4,9 +4,12 @@
    (:mod:`agdo.tasks`) with the LLaDA objective.
 2. Post-train three copies at matched forward passes: ``random`` (LLaDA SFT), ``blockwise`` and
    ``agdo`` (attention-guided order + influence weights).
-3. Evaluate the base and every copy with ``max_prob`` and ``max_s`` decoding over several seeds, each
+3. RL from the AGDO-SFT model (the paper's "AGDO = SFT + RL" path): AGDO-RL and TraceRL on the training
+   problems with an exact-match reward, same prompts, steps and rollouts, one training row per decoded
+   token for both (matched forward passes; the measured counts are printed).
+4. Evaluate the base and every copy with ``max_prob`` and ``max_s`` decoding over several seeds, each
    seed a fresh held-out problem set, and print the table in the shape of the paper's Tables 1-3.
-4. Save the attention-analysis plots (Figs. 1, 2, 6) for the base and the AGDO model.
+5. Save the attention-analysis plots (Figs. 1, 2, 6) for the base and the AGDO model.
 
 Everything is written under ``output_dir``: checkpoints, metrics, ``results.md`` and the PNGs.
 """
@@ -17,6 +20,7 @@ import copy
 import dataclasses
 import json
 import math
+import statistics
 from pathlib import Path
 
 from . import tasks
@@ -24,6 +28,8 @@ from .analysis import analyze_decoding, plot_s_distribution
 from .eval import encode_prompts, evaluate, format_table, summarize
 from .models import load_adapter
 from .sampling import SamplerConfig
+from .training.metrics import read_metrics
+from .training.rl import RLConfig, train_rl
 from .training.sft import SFTConfig, train_sft
 from .training.sft_data import SFTDataset
 
@@ -43,9 +49,19 @@ class QuickstartConfig:
     posttrain_learning_rate: float = 1e-4
     block_size: int = 2
     gamma: float = 100.0
+    # "mean" (sum_k I_k = 1) keeps gamma=100 a moderate weight on these 6-token responses; the package default
+    # is SPEC §2's "sum", with which gamma=100 would weight hubs ~100x. The published table used "mean".
+    influence_norm: str = "mean"
     post_num: int = 1
     hidden_size: int = 128
     num_layers: int = 4
+    # RL from the AGDO-SFT model; [] skips the stage.
+    rl_methods: list = dataclasses.field(default_factory=lambda: ["agdo", "tracerl"])
+    rl_steps: int = 40
+    rl_prompts_per_step: int = 16
+    rl_num_generations: int = 8
+    rl_learning_rate: float = 1e-4
+    rl_decoding_alg: str = "max_prob"
 
 
 def _posttrain_configs(config: QuickstartConfig, response_tokens: int, output_dir: Path) -> dict:
@@ -60,6 +76,7 @@ def _posttrain_configs(config: QuickstartConfig, response_tokens: int, output_di
                   learning_rate=config.posttrain_learning_rate, forward_batch_size=1024, save_steps=10**9)
     return {
         method: (SFTConfig(output_dir=str(output_dir / method), method=method, gamma=config.gamma,
+                           influence_norm=config.influence_norm,
                            block_size=config.block_size, random_masks_per_sample=rows,
                            max_steps=round(budget / rows), **common), rows)
         for method, rows in rows_per_sample.items()
@@ -78,7 +95,7 @@ def run_quickstart(config: QuickstartConfig) -> str:
     dataset = SFTDataset.from_records(train, tokenizer, max_prompt_length=64, max_response_length=64)
     response_tokens = config.digits + 1 + 1 + config.post_num  # digits, EOS, trained pads
 
-    print(f"[1/4] pre-training a {config.num_layers}-layer bidirectional LM from scratch "
+    print(f"[1/5] pre-training a {config.num_layers}-layer bidirectional LM from scratch "
           f"({config.pretrain_steps} steps, LLaDA objective)")
     model = tasks.build_tiny_model(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers)
     base = load_adapter(model, tokenizer=tokenizer)
@@ -90,16 +107,36 @@ def run_quickstart(config: QuickstartConfig) -> str:
     train_sft(pretrain, adapter=base, dataset=dataset)
 
     models = {"base (pre-trained)": base}
-    forward_passes = {"base (pre-trained)": 0}
+    forward_passes = {"base (pre-trained)": "0 training forward passes (rows)"}
     for method, (sft, rows_per_sample) in _posttrain_configs(config, response_tokens, output_dir).items():
-        print(f"[2/4] post-training a copy with {method} SFT ({sft.max_steps} steps)")
+        print(f"[2/5] post-training a copy with {method} SFT ({sft.max_steps} steps)")
         adapter = load_adapter(copy.deepcopy(base.model), tokenizer=tokenizer)
         train_sft(sft, adapter=adapter, dataset=dataset)
         label = {"agdo": "AGDO-SFT", "random": "SFT (random masks)", "blockwise": "blockwise SFT"}[method]
         models[label] = adapter
-        forward_passes[label] = rows_per_sample * sft.max_steps * config.batch_size
+        forward_passes[label] = f"{rows_per_sample * sft.max_steps * config.batch_size} training forward passes (rows)"
 
-    print(f"[3/4] evaluating {len(models)} models x (max_prob, max_s) x {len(config.seeds)} seeds")
+    rl_prompts = [{"prompt": p["prompt"], "answer": p["answer"], "reward": "exact"} for p in train]
+    for method in config.rl_methods:
+        label = {"agdo": "AGDO-SFT + AGDO-RL", "tracerl": "AGDO-SFT + TraceRL"}[method]
+        print(f"[3/5] RL from the AGDO-SFT model with {method} ({config.rl_steps} steps of "
+              f"{config.rl_prompts_per_step} prompts x {config.rl_num_generations} rollouts)")
+        adapter = load_adapter(copy.deepcopy(models["AGDO-SFT"].model), tokenizer=tokenizer)
+        rl = RLConfig(output_dir=str(output_dir / f"rl_{method}"), method=method, post_num=config.post_num,
+                      max_completion_length=config.digits + 2, num_generations=config.rl_num_generations,
+                      prompts_per_step=config.rl_prompts_per_step, max_steps=config.rl_steps,
+                      learning_rate=config.rl_learning_rate, decoding_alg=config.rl_decoding_alg, beta=0.0,
+                      reward_workers=1, forward_batch_size=1024, save_steps=10**9)
+        train_rl(rl, adapter=adapter, prompts=rl_prompts)
+        models[label] = adapter
+        logged = read_metrics(output_dir / f"rl_{method}")
+        trained = [m for m in logged if m["updates"]]
+        forward_passes[label] = (
+            f"AGDO-SFT + {sum(m['training_forward_passes'] for m in logged)} RL training forward passes (rows; "
+            f"{statistics.fmean(m['rows_per_response'] for m in trained) if trained else 0:.2f} per response) + "
+            f"{sum(m['rollout_forward_passes'] for m in logged)} rollout forward passes")
+
+    print(f"[4/5] evaluating {len(models)} models x (max_prob, max_s) x {len(config.seeds)} seeds")
     gen_length = config.digits + 2
     rows = []
     for label, adapter in models.items():
@@ -109,9 +146,9 @@ def run_quickstart(config: QuickstartConfig) -> str:
                                    desc=f"{label}/{alg}")["accuracy"] for seed in config.seeds]
             rows.append({"row": label, "column": alg, **summarize(accuracies)})
     table = format_table(rows, ["max_prob", "max_s"])
-    passes = "\n".join(f"- {label}: {n} training forward passes (rows)" for label, n in forward_passes.items())
+    passes = "\n".join(f"- {label}: {text}" for label, text in forward_passes.items())
 
-    print("[4/4] attention analysis plots")
+    print("[5/5] attention analysis plots")
     prompts = [p["prompt"] for p in test_sets[config.seeds[0]][:64]]
     s_by_model = {}
     for label, short in (("base (pre-trained)", "base"), ("AGDO-SFT", "agdo")):

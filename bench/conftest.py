@@ -44,7 +44,8 @@ def _peak_mib(fn):
 
 @pytest.fixture
 def measure(benchmark):
-    def run(fn, *, group: str, impl: str, baseline: bool = False, rounds: int = 5, **info):
+    def run(fn, *, group: str, impl: str, baseline: bool = False, rounds: int = 5, note=None, **info):
+        """``note``: a string, or a callable giving one after the timed rounds (shown in the table)."""
         def timed():
             out = fn()
             sync()
@@ -58,7 +59,8 @@ def measure(benchmark):
         if benchmark.disabled:  # --benchmark-disable: ran once as a smoke test, nothing timed
             return
         _RESULTS.append(
-            dict(group=group, impl=impl, baseline=baseline, median_ms=benchmark.stats.stats.median * 1e3, peak_mib=peak)
+            dict(group=group, impl=impl, baseline=baseline, median_ms=benchmark.stats.stats.median * 1e3, peak_mib=peak,
+                 note=note() if callable(note) else note)
         )
 
     return run
@@ -72,12 +74,15 @@ def _tables() -> list[str]:
     lines = [f"device: {device}, torch {torch.__version__}", ""]
     for group, rows in groups.items():
         base = next((r for r in rows if r["baseline"]), None)
-        lines += [f"### {group}", "", "| impl | median ms | time / baseline | peak MiB |", "|---|---|---|---|"]
+        noted = any(r["note"] for r in rows)
+        header = "| impl | median ms | time / baseline | peak MiB |" + (" note |" if noted else "")
+        lines += [f"### {group}", "", header, "|---|---|---|---|" + ("---|" if noted else "")]
         for r in rows:
             ratio = f"{r['median_ms'] / base['median_ms']:.2f}x" if base else "-"
             peak = "not measured" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
             mark = " (baseline)" if r["baseline"] else ""
-            lines.append(f"| {r['impl']}{mark} | {r['median_ms']:.3f} | {ratio} | {peak} |")
+            note = f" {r['note'] or ''} |" if noted else ""
+            lines.append(f"| {r['impl']}{mark} | {r['median_ms']:.3f} | {ratio} | {peak} |{note}")
         lines.append("")
     return lines
 

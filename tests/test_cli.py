@@ -13,8 +13,9 @@ from agdo.data import data_root
 from agdo.eval import decode_completion, encode_prompts, format_table, summarize
 from agdo.training.sft_data import collate_sft, encode_example
 
-TINY_QUICKSTART = ["digits=2", "train_problems=64", "test_problems=6", "seeds=[0, 1]", "pretrain_steps=3",
-                   "posttrain_steps=3", "batch_size=8", "hidden_size=32", "num_layers=2"]
+TINY_QUICKSTART = ["digits=1", "train_problems=64", "test_problems=6", "seeds=[0, 1]", "pretrain_steps=150",
+                   "posttrain_steps=3", "batch_size=8", "hidden_size=32", "num_layers=2", "rl_steps=3",
+                   "rl_prompts_per_step=4", "rl_num_generations=4"]
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +28,12 @@ def quickstart_run(tmp_path_factory):
 
 def test_quickstart_writes_table_models_and_plots(quickstart_run):
     report = (quickstart_run / "results.md").read_text()
-    for label in ("base (pre-trained)", "AGDO-SFT", "SFT (random masks)", "blockwise SFT"):
+    for label in ("base (pre-trained)", "AGDO-SFT", "SFT (random masks)", "blockwise SFT", "AGDO-SFT + AGDO-RL",
+                  "AGDO-SFT + TraceRL"):
         assert f"| {label} |" in report
     rows = json.loads((quickstart_run / "results.json").read_text())
-    assert len(rows) == 8 and all(0 <= r["mean"] <= 100 and r["seeds"] == 2 for r in rows)
-    for method in ("agdo", "random", "blockwise"):
+    assert len(rows) == 12 and all(0 <= r["mean"] <= 100 and r["seeds"] == 2 for r in rows)
+    for method in ("agdo", "random", "blockwise", "rl_agdo", "rl_tracerl"):
         assert (quickstart_run / method / "final" / "config.json").exists()
         assert (quickstart_run / method / "metrics.jsonl").exists()
     pngs = sorted(p.name for p in (quickstart_run / "plots").glob("*.png"))
@@ -42,8 +44,12 @@ def test_quickstart_writes_table_models_and_plots(quickstart_run):
 def test_quickstart_forward_passes_are_matched(quickstart_run):
     report = (quickstart_run / "results.md").read_text()
     counts = {line.split(":")[0]: int(line.split(": ")[1].split()[0]) for line in report.splitlines()
-              if line.startswith("- ") and "forward passes" in line}
+              if line.startswith("- ") and line.endswith(" training forward passes (rows)")}
     assert counts["- AGDO-SFT"] == counts["- SFT (random masks)"] == counts["- blockwise SFT"] > 0
+    rl = {line.split(":")[0]: line for line in report.splitlines() if "RL training forward passes" in line}
+    assert set(rl) == {"- AGDO-SFT + AGDO-RL", "- AGDO-SFT + TraceRL"}
+    per_response = {label: float(line.split("rows; ")[1].split()[0]) for label, line in rl.items()}
+    assert per_response["- AGDO-SFT + AGDO-RL"] == per_response["- AGDO-SFT + TraceRL"] > 0  # matched
 
 
 def test_eval_and_analyze_commands(quickstart_run, tmp_path, capsys):

@@ -12,11 +12,14 @@ import yaml
 
 from agdo.config import build_config
 from agdo.eval import EvalConfig
+from agdo.data import BENCHMARKS
+from agdo.training.rl import RLConfig
 from agdo.training.sft import SFTConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SFT_FILES = sorted((CONFIGS / "sft").glob("*.yaml"))
 EVAL_FILES = sorted((CONFIGS / "eval").glob("*.yaml"))
+RL_FILES = sorted((CONFIGS / "rl").glob("*.yaml"))
 ACCELERATE_FILES = sorted((CONFIGS / "accelerate").glob("*.yaml"))
 NUM_GPUS = 8  # the accelerate configs' num_processes; the paper's total batch is 128 (App. C)
 
@@ -26,7 +29,7 @@ def _ids(paths):
 
 
 def test_configs_exist():
-    assert SFT_FILES and EVAL_FILES and ACCELERATE_FILES
+    assert SFT_FILES and EVAL_FILES and ACCELERATE_FILES and RL_FILES
     for name in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "ddp.yaml"):
         assert (CONFIGS / "accelerate" / name).is_file()
 
@@ -44,6 +47,21 @@ def test_sft_config_loads(path):
         assert config.gamma == 100.0
     if config.method == "random":
         assert config.random_masks_per_sample == 35
+
+
+@pytest.mark.parametrize("path", RL_FILES, ids=_ids(RL_FILES))
+def test_rl_config_loads(path):
+    config = build_config(RLConfig, path)
+    assert config.mixed_precision == "bf16" and config.learning_rate == pytest.approx(1e-6)
+    assert config.temperature == 1.0 and config.model_name_or_path
+    assert bool(config.train_file) != bool(config.benchmarks)
+    assert all(name in BENCHMARKS for name in config.benchmarks or [])
+    if path.name != "quick.yaml":  # the paper's App. C settings
+        assert (config.prompts_per_step, config.num_generations, config.max_completion_length) == (32, 8, 1024)
+        assert config.diffusion_steps is None  # one token per step
+        assert config.post_num == (0 if "code" in path.name else 16)
+        if config.method == "agdo":
+            assert config.delta == 1.0 and config.influence_norm == "sum"
 
 
 @pytest.mark.parametrize("path", EVAL_FILES, ids=_ids(EVAL_FILES))

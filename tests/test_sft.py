@@ -251,6 +251,17 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
         (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
         (dict(forward_batch_size=0), "forward_batch_size"),
         (dict(step_size=0), "step_size"),
+        (dict(save_steps=0), "save_steps"),
+        (dict(logging_steps=0), "logging_steps"),
+        (dict(random_masks_per_sample=0), "random_masks_per_sample"),
+        (dict(max_steps_per_sample=0), "max_steps_per_sample"),
+        (dict(num_train_epochs=0), "num_train_epochs"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(post_num=-1), "post_num"),
+        (dict(gamma=-1.0), "allow_negative_gamma"),
+        (dict(max_steps=0), "max_steps"),
+        (dict(learning_rate=0.0), "learning_rate"),
+        (dict(max_nonfinite_steps=-1), "max_nonfinite_steps"),
     ],
 )
 def test_sft_config_rejects(overrides, message):
@@ -260,6 +271,74 @@ def test_sft_config_rejects(overrides, message):
 
 def test_sft_config_accepts_the_edges():
     SFTConfig(method="blockwise", block_size=1)
+    SFTConfig(gamma=-1.0, allow_negative_gamma=True)
     SFTConfig(mask_ratio_min=1.0, mask_ratio_max=1.0)
     for method in SFT_METHODS:
         SFTConfig(method=method, block_size=4)
+
+
+# ------------------------------------------------------------------------------------- reliability
+
+
+def _poison(adapter):
+    with torch.no_grad():
+        adapter.model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing(tmp_path):
+    reset_accelerate()
+    adapter, dataset = build_tiny_run()
+    _poison(adapter)
+    with pytest.raises(FloatingPointError, match=r"step 1: non-finite loss .* nothing was saved"):
+        train_sft(SFTConfig(output_dir=str(tmp_path), **{**BASE, "method": "random"}), adapter=adapter, dataset=dataset)
+    assert not (tmp_path / "final").exists() and not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_skipped_non_finite_steps_are_counted_and_a_non_finite_model_is_never_saved(tmp_path):
+    reset_accelerate()
+    adapter, dataset = build_tiny_run()
+    _poison(adapter)  # every step is non-finite: skipped twice, then the NaN weights refuse to be saved
+    config = SFTConfig(output_dir=str(tmp_path), **{**BASE, "method": "random", "max_nonfinite_steps": 5})
+    with pytest.raises(FloatingPointError, match="non-finite weights in .*up_proj.*the checkpoint was not saved"):
+        train_sft(config, adapter=adapter, dataset=dataset)
+    logged = metrics(tmp_path)
+    assert [m["nonfinite_steps"] for m in logged] == [1, 2] and all(m["skipped_nonfinite"] for m in logged)
+    assert not (tmp_path / "final").exists() and not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_empty_or_blank_train_file_is_an_error(tmp_path):
+    adapter, _ = build_tiny_run()
+    for text in ("", "\n  \n\n"):
+        path = tmp_path / "train.jsonl"
+        path.write_text(text)
+        reset_accelerate()
+        with pytest.raises(ValueError, match="train.jsonl"):
+            train_sft(SFTConfig(output_dir=str(tmp_path / "run"), train_file=str(path), **BASE), adapter=adapter)
+    reset_accelerate()
+    with pytest.raises(ValueError, match="the training data is empty"):
+        train_sft(SFTConfig(output_dir=str(tmp_path / "run"), **BASE), adapter=adapter,
+                  dataset=type(build_tiny_run()[1])([]))
+
+
+def test_a_step_that_supervises_nothing_is_an_error(tmp_path):
+    reset_accelerate()
+    adapter, dataset = build_tiny_run()
+    pad = adapter.pad_token_id
+    dataset.pairs = [(p, [pad] * len(r)) for p, r in dataset.pairs]  # every response is padding: post_num=0
+    config = SFTConfig(output_dir=str(tmp_path), **{**BASE, "method": "left_to_right", "post_num": 0})
+    with pytest.raises(ValueError, match="step 1: the batch produced no training row"):
+        train_sft(config, adapter=adapter, dataset=dataset)
+    reset_accelerate()
+    config = SFTConfig(output_dir=str(tmp_path), **{**BASE, "method": "random", "post_num": 0})
+    with pytest.raises(ValueError, match="step 1: the update supervises zero tokens"):
+        train_sft(config, adapter=adapter, dataset=dataset)
+
+
+def test_resume_warnings(tmp_path):
+    with pytest.warns(UserWarning, match="no checkpoint in .* starting from scratch"):
+        _train(tmp_path / "fresh", resume_from_checkpoint="latest")
+    _train(tmp_path / "done", max_steps=2, save_steps=1)
+    with pytest.warns(UserWarning, match="at step 2, not before the last step \\(2\\): nothing is left"):
+        _train(tmp_path / "done", max_steps=2, resume_from_checkpoint="latest")
+    with pytest.raises(FileNotFoundError, match="resume_from_checkpoint"):
+        _train(tmp_path / "x", resume_from_checkpoint=str(tmp_path / "missing"))

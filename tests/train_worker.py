@@ -1,9 +1,11 @@
-"""A tiny SFT run for tests/test_sft.py, run as a script so it can be launched on several processes.
+"""Tiny SFT and RL runs for tests/test_sft.py and tests/test_rl.py, run as a script so that they can be
+launched on several processes::
 
-    python -m accelerate.commands.launch --multi_gpu --num_processes 2 ... tests/sft_worker.py OUT key=value ...
+    python -m accelerate.commands.launch --multi_gpu --num_processes 2 ... tests/train_worker.py sft|rl OUT key=value ...
 
-Builds the same tokenizer, data and model as the in-process tests (``build_tiny_run``), applies the
-``key=value`` overrides to an ``SFTConfig`` through ``agdo.config.build_config`` and trains.
+Builds the same tokenizer, data and model as the in-process tests (``build_tiny_run``,
+``build_tiny_rl_run``), applies the ``key=value`` overrides to the trainer's config through
+``agdo.config.build_config`` and trains.
 """
 
 from __future__ import annotations
@@ -24,17 +26,62 @@ def build_tiny_run(num_problems: int = 40, model_seed: int = 0):
     return load_adapter(model, tokenizer=tokenizer), dataset
 
 
+def build_tiny_rl_run(num_problems: int = 8, model_seed: int = 0, pretrain_steps: int = 40, pretrain_order: str = "random"):
+    """(adapter, prompts): 1-digit addition graded by exact match, on a 2-layer hidden-32 model pre-trained
+    for ``pretrain_steps`` plain AdamW steps on LLaDA random masks — deliberately weak (a few % right)."""
+    import torch
+
+    from agdo import orders, tasks
+    from agdo.models import load_adapter
+    from agdo.training.masking import random_rows, weighted_nll
+    from agdo.training.sft_data import SFTDataset, collate_sft
+
+    tokenizer = tasks.build_tokenizer()
+    problems = tasks.addition_problems(num_problems, digits=1, seed=1)
+    model = tasks.build_tiny_model(tokenizer, hidden_size=32, num_layers=2, seed=model_seed)
+    adapter = load_adapter(model, tokenizer=tokenizer)
+    dataset = SFTDataset.from_records(problems, tokenizer, max_prompt_length=64, max_response_length=64)
+    batch = collate_sft([dataset[i] for i in range(len(dataset))], pad_token_id=adapter.pad_token_id, post_num=1)
+    P = batch["response_start"]
+    trained = orders.trained_positions(batch["input_ids"][:, P:], adapter.stop_token_ids, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(model_seed)
+    for _ in range(pretrain_steps):
+        if pretrain_order == "attention":
+            from agdo.training.masking import order_rows
+            steps = orders.attention_order(adapter, batch["input_ids"], batch["attention_mask"], response_start=P, trained=trained).steps
+            rows = order_rows(batch["input_ids"], batch["attention_mask"], response_start=P, steps=steps,
+                              mask_token_id=adapter.mask_token_id, generator=generator)
+        else:
+            rows = random_rows(batch["input_ids"], batch["attention_mask"], response_start=P, trained=trained,
+                           mask_token_id=adapter.mask_token_id, masks_per_sample=4, generator=generator)
+        logits = adapter.forward(rows.input_ids, rows.attention_mask).logits
+        (weighted_nll(logits, rows.targets, rows.weights) / rows.input_ids.shape[0]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    prompts = [dict(prompt=p["prompt"], answer=p["answer"], reward="exact") for p in problems]
+    return adapter, prompts
+
+
 def main(argv):
     import torch
 
     from agdo.config import build_config
-    from agdo.training.sft import SFTConfig, train_sft
 
     torch.set_num_threads(1)  # two processes on a 2-core machine
-    output_dir, overrides = argv[0], argv[1:]
-    config = build_config(SFTConfig, None, [f"output_dir={output_dir}", *overrides])
-    adapter, dataset = build_tiny_run()
-    train_sft(config, adapter=adapter, dataset=dataset)
+    kind, output_dir, overrides = argv[0], argv[1], argv[2:]
+    if kind == "sft":
+        from agdo.training.sft import SFTConfig, train_sft
+
+        adapter, dataset = build_tiny_run()
+        train_sft(build_config(SFTConfig, None, [f"output_dir={output_dir}", *overrides]), adapter=adapter,
+                  dataset=dataset)
+    else:
+        from agdo.training.rl import RLConfig, train_rl
+
+        adapter, prompts = build_tiny_rl_run()
+        train_rl(build_config(RLConfig, None, [f"output_dir={output_dir}", *overrides]), adapter=adapter,
+                 prompts=prompts)
 
 
 if __name__ == "__main__":

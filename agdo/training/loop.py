@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -133,8 +133,12 @@ class Trainer:
     def __init__(self, config: TrainingArguments, adapter, dataset, *, accelerator: Optional[Accelerator] = None):
         # Gradient accumulation is done by optimizer_update (it normalises over the whole update), and the
         # schedule is stepped once per optimizer update — accelerate would step it once per process.
-        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision,
-                                                      step_scheduler_with_optimizer=False)
+        # DDP must not broadcast buffers at every forward: processes run different numbers of forward chunks
+        # (RL rows vary per process), and a collective per forward would then deadlock. Buffers here are
+        # constants (RoPE frequencies) that every process computes identically.
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False,
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         set_seed(config.seed)
         if len(dataset) == 0:
             raise ValueError("the training data is empty: nothing to train on")
@@ -143,8 +147,8 @@ class Trainer:
         self.state = {"global_step": 0, "epoch": 0, "batches_done": 0, "updates": 0, "nonfinite_steps": 0}
         self.setup()  # before prepare: e.g. RL sizes its updates and copies the initial policy
 
-        batches_per_epoch = math.ceil(len(dataset) / (self.per_device_batch_size * self.accelerator.num_processes))
-        steps_per_epoch = math.ceil(batches_per_epoch / self.batches_per_step)
+        self.batches_per_epoch = math.ceil(len(dataset) / (self.per_device_batch_size * self.accelerator.num_processes))
+        steps_per_epoch = math.ceil(self.batches_per_epoch / self.batches_per_step)
         self.total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_train_epochs
         model = adapter.model
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -212,7 +216,7 @@ class Trainer:
             else:
                 if not stepped and state["batches_done"] == 0:
                     raise RuntimeError(f"epoch {epoch} produced no batch: the data loader is empty")
-                if not stepped:
+                if not stepped and state["batches_done"] > self.batches_per_epoch:
                     warnings.warn(f"resumed at batch {state['batches_done']} of epoch {epoch}, past the end of the "
                                   f"data ({len(self.dataset)} samples): continuing with epoch {epoch + 1}")
                 state["epoch"] += 1
@@ -272,8 +276,11 @@ class Trainer:
         pieces = [piece for part in rows for piece in chunks(part, self.config.forward_batch_size)]
         self.model.train()
         loss_sum, stats = 0.0, Counter()
-        if not pieces:  # other processes have rows: this one must still join the gradient all-reduce
-            self._idle_backward()
+        if not pieces:  # other processes have rows: this one must still join the gradient all-reduce, and
+            self._idle_backward()  # report the same statistics (zeros) so the reductions below line up
+            empty = rows[0]
+            stats.update({k: float(v) for k, v in loss_fn(
+                torch.zeros(*empty[0].shape, self.adapter.vocab_size, device=accelerator.device), empty)[1].items()})
         for i, piece in enumerate(pieces):
             with contextlib.nullcontext() if i == len(pieces) - 1 else _accumulate_only(accelerator, self.model):
                 logits = self.adapter.forward(piece.input_ids, piece.attention_mask, model=self.model).logits
