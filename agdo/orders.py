@@ -90,7 +90,7 @@ def attention_order(
     step_size: int = 1,
     block_size: Optional[int] = None,
     block_mode: str = "global",
-    influence_norm: str = "mean",
+    influence_norm: str = "sum",
 ) -> AttentionOrder:
     """AGDO's order (§5.1, Alg. 1): one no-grad forward of the current model over the clean sequence.
 

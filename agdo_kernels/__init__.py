@@ -112,13 +112,13 @@ def valid_attention(
     return ValidAttention(s, out, lse)
 
 
-def influence(q, k, *, lse=None, attention_mask=None, query_mask=None, norm="mean", scale=None, backend="auto"):
+def influence(q, k, *, lse=None, attention_mask=None, query_mask=None, norm="sum", scale=None, backend="auto"):
     """Influence ``I_k = sum_{i valid} Abar[i, k]`` (AGDO Eq. 8), float32 ``(B, N)``.
 
     Valid rows are those with ``attention_mask`` and ``query_mask`` both True. ``lse (B, H, N)`` from
-    :func:`valid_attention` saves a pass. ``norm``: ``"sum"`` (Eq. 8 literally), ``"mean"`` (divide by the
-    number of valid rows, so ``sum_k I_k = 1``; the default, see SPEC §2), ``"max"`` (divide by the
-    largest ``I`` over valid keys). A batch row with a NaN/inf in ``q``, ``k`` or ``lse`` (or an overflow)
+    :func:`valid_attention` saves a pass. ``norm``: ``"sum"`` (Eq. 8 literally; the default, SPEC §2),
+    ``"mean"`` (divide by the number of valid rows, so ``sum_k I_k = 1``), ``"max"`` (divide by the largest
+    ``I`` over valid keys). A batch row with a NaN/inf in ``q``, ``k`` or ``lse`` (or an overflow)
     is all NaN (module docstring).
     """
     B, H, Hkv, N, d = _checks.check_qk(q, k)

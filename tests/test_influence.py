@@ -41,11 +41,11 @@ def test_properties(backend, dtype):
     mask = padding_mask(B, N, "both")
     n_rows = mask.sum(-1).double()
 
-    total = agdo_kernels.influence(q, k, attention_mask=mask, norm="sum", backend=backend)
+    total = agdo_kernels.influence(q, k, attention_mask=mask, backend=backend)  # default norm="sum" (SPEC §2)
     torch.testing.assert_close(total.double().sum(-1), n_rows, atol=N * stat_tolerance(dtype), rtol=0)
     assert (total[~mask] == 0).all() and (total >= 0).all()
 
-    mean = agdo_kernels.influence(q, k, attention_mask=mask, backend=backend)  # default norm="mean"
+    mean = agdo_kernels.influence(q, k, attention_mask=mask, norm="mean", backend=backend)
     torch.testing.assert_close(mean.double().sum(-1), torch.ones_like(n_rows), atol=10 * stat_tolerance(dtype), rtol=0)
 
     largest = agdo_kernels.influence(q, k, attention_mask=mask, norm="max", backend=backend).amax(-1)

@@ -80,7 +80,7 @@ class DiffusionLMAdapter:
         unmasked: Optional[torch.Tensor] = None,
         response_start: Optional[int] = None,
         influence_query_mask: Optional[torch.Tensor] = None,
-        influence_norm: str = "mean",
+        influence_norm: str = "sum",
         model: Optional[nn.Module] = None,
     ) -> AdapterOutput:
         """One model forward over ``input_ids (B, N)``; last-layer statistics for what is asked.
