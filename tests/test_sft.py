@@ -342,3 +342,13 @@ def test_resume_warnings(tmp_path):
         _train(tmp_path / "done", max_steps=2, resume_from_checkpoint="latest")
     with pytest.raises(FileNotFoundError, match="resume_from_checkpoint"):
         _train(tmp_path / "x", resume_from_checkpoint=str(tmp_path / "missing"))
+
+
+def test_resume_past_the_end_of_the_data_warns_and_goes_on(tmp_path):
+    _train(tmp_path, max_steps=4, save_steps=2)
+    state_file = tmp_path / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "batches_done": 999}))  # e.g. a checkpoint of a larger data set
+    with pytest.warns(UserWarning, match="resumed at batch 999 of epoch 0, past the end of the data"):
+        _train(tmp_path, max_steps=4, resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
