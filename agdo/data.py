@@ -146,10 +146,18 @@ def _math500(row: dict, index: int) -> dict:
     }
 
 
+def _boxed_gold(solution: str) -> str | None:
+    """The last ``\\boxed{}`` of a worked solution, or None when it has none or it is empty. ``\\boxed {17}``
+    and ``\\boxed 2`` (three MATH train solutions) are read as ``\\boxed{17}`` and ``\\boxed{2}``."""
+    normalised = re.sub(r"\\boxed (\w+)", r"\\boxed{\1}", re.sub(r"\\boxed\s+\{", r"\\boxed{", solution))
+    gold = last_boxed(normalised)
+    return gold if gold is not None and gold.strip() else None
+
+
 def _minerva(row: dict, index: int) -> dict:
     solution = _get(row, "solution")
-    gold = last_boxed(solution)
-    if gold is None or not gold.strip():
+    gold = _boxed_gold(solution)
+    if gold is None:
         raise ValueError("field 'solution' has no (non-empty) \\boxed{} answer")
     return {
         "id": f"minerva/{_get(row, 'idx', (int, str))}",
@@ -163,12 +171,10 @@ def _minerva(row: dict, index: int) -> dict:
 
 
 def _math_train(row: dict, index: int) -> dict:
-    """MATH train split (RL prompts, paper App. C): the gold answer is the last ``\\boxed`` of the solution;
-    three solutions write ``\\boxed {17}`` or ``\\boxed 2``, normalised to ``\\boxed{...}`` first."""
+    """MATH train split (RL prompts, paper App. C): the gold answer is the last ``\\boxed`` of the solution."""
     solution = _get(row, "solution")
-    normalised = re.sub(r"\\boxed (\w+)", r"\\boxed{\1}", re.sub(r"\\boxed\s+\{", r"\\boxed{", solution))
-    gold = last_boxed(normalised)
-    if gold is None or not gold.strip():
+    gold = _boxed_gold(solution)
+    if gold is None:
         return None  # one row (`\\boxed{}` empty) has no gold answer: skipped, with a warning naming it
     return {
         "id": f"math_train/{index}",

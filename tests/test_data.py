@@ -25,6 +25,7 @@ EXPECTED_ROWS = {
     "gsm8k_train": 7473,
     "math500": 500,
     "minerva": 272,
+    "math_train": 7498,  # 7,500 rows; two have an empty \boxed{} (no gold answer) and are skipped
     "aime24": 30,
     "amc23": 40,
     "humaneval": 164,
@@ -56,6 +57,10 @@ def test_gold_fields():
     assert math500[0]["answer"] == r"\left( 3, \frac{\pi}{2} \right)" and math500[0]["level"] == 2
     humaneval = load_benchmark("humaneval")[0]
     assert humaneval["id"] == "HumanEval/0" and humaneval["entry_point"] == "has_close_elements"
+    with pytest.warns(UserWarning, match=r"skipped 2 math_train row\(s\) without a gold answer \(lines \[5342, 5344\]\)"):
+        math_train = load_benchmark("math_train")
+    spaced = [r for r in math_train if "\\boxed " in r["solution"]]  # `\boxed {17}`, `\boxed 2`, `\boxed 9`
+    assert sorted(r["answer"] for r in spaced) == ["17", "2", "9"]
 
 
 @needs_data
