@@ -395,3 +395,15 @@ def test_cli_rl_from_a_model_directory_and_a_prompt_file(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1="}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: expected an object with a string `reward` field"):
         main(["rl", f"model_name_or_path={tmp_path / 'model'}", f"train_file={tmp_path / 'bad.jsonl'}"])
+
+
+def test_a_rollout_batch_split_into_several_updates(tmp_path):
+    """16 completions per step, 8 per update (4 x 2 accumulation): 2 optimizer updates per step, each after
+    the logp_old pass (the second update's ratio is no longer 1)."""
+    _run(tmp_path, method="tracerl", per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
+         adapter_and_prompts=build_tiny_rl_run(pretrain_steps=60))
+    logged = metrics(tmp_path)
+    assert any(m["updates"] == 2 for m in logged) and all(m["updates"] in (0, 1, 2) for m in logged)
+    for m in logged:
+        if m["updates"]:
+            assert m["training_forward_passes"] == 2 * m["training_rows"]  # training + the logp_old pass
