@@ -407,3 +407,27 @@ def test_a_rollout_batch_split_into_several_updates(tmp_path):
     for m in logged:
         if m["updates"]:
             assert m["training_forward_passes"] == 2 * m["training_rows"]  # training + the logp_old pass
+
+
+@pytest.mark.parametrize("forward_batch_size", [1, 2, 64])
+def test_update_loss_is_the_mean_over_rows_of_each_rows_token_mean(tmp_path, forward_batch_size):
+    """A scripted model (fixed logits per row, whatever the input) through Trainer.optimizer_update: the
+    logged loss is sum_rows(row loss) / rows, the same for every chunking of the rows."""
+    from agdo.models.adapter import AdapterOutput
+
+    logits, rows = _scripted_rows(seed=7, M=5, N=6, V=5)
+    rows = rows._replace(input_ids=torch.arange(5)[:, None].expand(5, 6).contiguous())  # row id in the ids
+    trainer = _one_step_trainer(tmp_path, "tracerl", forward_batch_size=forward_batch_size, beta=0.05)
+    anchor = next(trainer.model.parameters())
+
+    def scripted(input_ids, attention_mask=None, **_):
+        return AdapterOutput(logits[input_ids[:, 0]] + 0 * anchor.sum())
+
+    trainer.adapter.forward = scripted
+    try:
+        result = trainer.optimizer_update([rows], trainer._loss)
+    finally:
+        trainer.rewards.close()
+    expected = _naive_loss(logits.double(), rows, 0.2, 0.2, 0.05).item() / 5
+    assert result["rows"] == 5 and result["loss"] == pytest.approx(expected, rel=1e-5)
+    assert result["supervised_tokens"] == int((rows.weights > 0).sum())
