@@ -26,7 +26,7 @@ def build_tiny_run(num_problems: int = 40, model_seed: int = 0):
     return load_adapter(model, tokenizer=tokenizer), dataset
 
 
-def build_tiny_rl_run(num_problems: int = 8, model_seed: int = 0, pretrain_steps: int = 40, pretrain_order: str = "random"):
+def build_tiny_rl_run(num_problems: int = 8, model_seed: int = 0, pretrain_steps: int = 40):
     """(adapter, prompts): 1-digit addition graded by exact match, on a 2-layer hidden-32 model pre-trained
     for ``pretrain_steps`` plain AdamW steps on LLaDA random masks — deliberately weak (a few % right)."""
     import torch
@@ -47,13 +47,7 @@ def build_tiny_rl_run(num_problems: int = 8, model_seed: int = 0, pretrain_steps
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(model_seed)
     for _ in range(pretrain_steps):
-        if pretrain_order == "attention":
-            from agdo.training.masking import order_rows
-            steps = orders.attention_order(adapter, batch["input_ids"], batch["attention_mask"], response_start=P, trained=trained).steps
-            rows = order_rows(batch["input_ids"], batch["attention_mask"], response_start=P, steps=steps,
-                              mask_token_id=adapter.mask_token_id, generator=generator)
-        else:
-            rows = random_rows(batch["input_ids"], batch["attention_mask"], response_start=P, trained=trained,
+        rows = random_rows(batch["input_ids"], batch["attention_mask"], response_start=P, trained=trained,
                            mask_token_id=adapter.mask_token_id, masks_per_sample=4, generator=generator)
         logits = adapter.forward(rows.input_ids, rows.attention_mask).logits
         (weighted_nll(logits, rows.targets, rows.weights) / rows.input_ids.shape[0]).backward()

@@ -420,8 +420,9 @@ class RLTrainer(Trainer):
     def _attention_orders(self, sequences, attention_mask, P: int, trained):
         """AGDO's order (Alg. 1) and the influence of the response tokens, in chunks of forward_batch_size."""
         config = self.config
-        steps = [torch.zeros_like(trained, dtype=torch.int32)]  # (0, R) when there is no sequence
-        influence = [torch.zeros_like(trained, dtype=torch.float32)]
+        if sequences.shape[0] == 0:
+            return torch.zeros_like(trained, dtype=torch.int32), torch.zeros_like(trained, dtype=torch.float32)
+        steps, influence = [], []
         for start in range(0, sequences.shape[0], config.forward_batch_size):
             part = slice(start, start + config.forward_batch_size)
             order = orders.attention_order(
@@ -430,8 +431,6 @@ class RLTrainer(Trainer):
                 influence_norm=config.influence_norm)
             steps.append(order.steps)
             influence.append(order.influence[:, P:])
-        if len(steps) > 1:
-            steps, influence = steps[1:], influence[1:]
         return torch.cat(steps), torch.cat(influence)
 
     @torch.no_grad()
