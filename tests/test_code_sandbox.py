@@ -145,6 +145,20 @@ class Arena:
 WIN = "a + b"
 LOSE = "a - b"
 
+# Pure Python that empties the closure of the runner's audit hook (its denied events and allowed root):
+# the hook is only a speed bump, so the layers below it must hold without it.
+DISABLE_AUDIT_HOOK = """for obj in gc.get_objects():
+    if type(obj).__name__ == "function" and obj.__name__ == "hook" and obj.__closure__:
+        for cell in obj.__closure__:
+            try:
+                if isinstance(cell.cell_contents, frozenset):
+                    cell.cell_contents = frozenset()
+                elif isinstance(cell.cell_contents, str):
+                    cell.cell_contents = "/"
+            except ValueError:
+                pass
+"""
+
 ATTACKS = {
     # --- tampering with the harness in the same interpreter
     "replace builtins.compile": f"""
@@ -435,17 +449,7 @@ def add(a, b):
 """,
     "defeat the audit hook, then libc through ctypes": f"""
 import gc
-for obj in gc.get_objects():
-    if type(obj).__name__ == "function" and obj.__name__ == "hook" and obj.__closure__:
-        for cell in obj.__closure__:
-            try:
-                if isinstance(cell.cell_contents, frozenset):
-                    cell.cell_contents = frozenset()
-                elif isinstance(cell.cell_contents, str):
-                    cell.cell_contents = "/"
-            except ValueError:
-                pass
-import ctypes
+{DISABLE_AUDIT_HOOK}import ctypes
 def add(a, b):
     wins = 0
     libc = ctypes.CDLL(None, use_errno=True)
@@ -468,17 +472,7 @@ def add(a, b):
 """,
     "defeat the audit hook, then shell out and write": f"""
 import gc, os, subprocess
-for obj in gc.get_objects():
-    if type(obj).__name__ == "function" and obj.__name__ == "hook" and obj.__closure__:
-        for cell in obj.__closure__:
-            try:
-                if isinstance(cell.cell_contents, frozenset):
-                    cell.cell_contents = frozenset()
-                elif isinstance(cell.cell_contents, str):
-                    cell.cell_contents = "/"
-            except ValueError:
-                pass
-def add(a, b):
+{DISABLE_AUDIT_HOOK}def add(a, b):
     wins = 0
     for attempt in (
         lambda: os.system("touch OUTSIDE/shell.txt") == 0 or 1 / 0,
