@@ -156,7 +156,7 @@ class Trainer:
                                   num_training_steps=self.total_steps * self.updates_per_step)
         if self.accelerator.state.deepspeed_plugin is not None:  # DeepSpeed needs it, and sees no DataLoader here
             self.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
-                config.per_device_train_batch_size
+                config.per_device_train_batch_size or 1  # RL's null: all completions of a process in one update
             )
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self._resume()
