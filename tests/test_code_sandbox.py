@@ -159,6 +159,23 @@ DISABLE_AUDIT_HOOK = """for obj in gc.get_objects():
                 pass
 """
 
+
+def each_attempt(header: str, attempts: str, *, setup: str = "", catch: str = "OSError") -> str:
+    """An attack program: after ``header`` (imports), ``add(a, b)`` runs ``setup`` and then each attempt (one
+    lambda per line of ``attempts``), and is right only if at least one attempt did not raise ``catch``."""
+    return f"""{header}
+def add(a, b):
+    wins = 0
+{setup}    for attempt in (
+{attempts}    ):
+        try:
+            attempt()
+            wins += 1
+        except {catch}:
+            pass
+    return {WIN} if wins else {LOSE}
+"""
+
 ATTACKS = {
     # --- tampering with the harness in the same interpreter
     "replace builtins.compile": f"""
@@ -334,51 +351,26 @@ def add(a, b):
             return float(match.group(1))
     return {LOSE}
 """,
-    "delete, create and mkdir outside through dir_fd": f"""
-import os
-def add(a, b):
-    wins = 0
+    "delete, create and mkdir outside through dir_fd": each_attempt("import os", setup=f"""\
     try:
         fd = os.open("OUTSIDE", os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return {LOSE}
-    for attempt in (
+""", attempts="""\
         lambda: os.unlink("victim.txt", dir_fd=fd),
         lambda: os.close(os.open("dirfd-created.txt", os.O_WRONLY | os.O_CREAT, dir_fd=fd)),
         lambda: os.mkdir("dirfd-dir", dir_fd=fd),
         lambda: os.rename("victim.txt", "renamed.txt", src_dir_fd=fd, dst_dir_fd=fd),
-    ):
-        try:
-            attempt()
-            wins += 1
-        except OSError:
-            pass
-    return {WIN} if wins else {LOSE}
-""",
-    "write outside by plain paths": f"""
-import os
-def add(a, b):
-    wins = 0
-    for attempt in (
+"""),
+    "write outside by plain paths": each_attempt("import os", """\
         lambda: open("VICTIM_FILE", "a").write("x"),
         lambda: open("OUTSIDE/plain.txt", "w").write("x"),
         lambda: os.truncate("VICTIM_FILE", 0),
         lambda: os.chmod("VICTIM_FILE", 0o000),
         lambda: open("RUNNER_PATH", "a").write("# pwned"),
         lambda: open("/tmp/agdo-escaped.txt", "w").write("x"),
-    ):
-        try:
-            attempt()
-            wins += 1
-        except OSError:
-            pass
-    return {WIN} if wins else {LOSE}
-""",
-    "mkfifo, mknod, symlink, hard link and rename out of the directory": f"""
-import os, stat
-def add(a, b):
-    wins = 0
-    for attempt in (
+"""),
+    "mkfifo, mknod, symlink, hard link and rename out of the directory": each_attempt("import os, stat", """\
         lambda: os.mkfifo("OUTSIDE/fifo"),
         lambda: os.mknod("OUTSIDE/node", stat.S_IFREG | 0o644),
         lambda: os.mkfifo("local-fifo"),
@@ -387,14 +379,7 @@ def add(a, b):
         lambda: os.link("VICTIM_FILE", "hardlink"),
         lambda: os.rename("VICTIM_FILE", "stolen.txt"),
         lambda: os.replace("VICTIM_FILE", "OUTSIDE/moved.txt"),
-    ):
-        try:
-            attempt()
-            wins += 1
-        except OSError:
-            pass
-    return {WIN} if wins else {LOSE}
-""",
+"""),
     "tamper with other sandboxes' working directories": f"""
 import os
 def add(a, b):
@@ -430,23 +415,12 @@ def add(a, b):
             pass
     return {WIN} if wins else {LOSE}
 """,
-    "kill the victim, every process, the parent": f"""
-import os, signal
-def add(a, b):
-    wins = 0
-    for attempt in (
+    "kill the victim, every process, the parent": each_attempt("import os, signal", """\
         lambda: os.kill(VICTIM_PID, signal.SIGKILL),
         lambda: os.kill(-1, signal.SIGKILL),
         lambda: os.kill(os.getppid(), signal.SIGKILL),
         lambda: os.killpg(os.getpgid(0), signal.SIGKILL),
-    ):
-        try:
-            attempt()
-            wins += 1
-        except (OSError, PermissionError):
-            pass
-    return {WIN} if wins else {LOSE}
-""",
+"""),
     "defeat the audit hook, then libc through ctypes": f"""
 import gc
 {DISABLE_AUDIT_HOOK}import ctypes
@@ -470,22 +444,11 @@ def add(a, b):
         wins += 1
     return {WIN} if wins else {LOSE}
 """,
-    "defeat the audit hook, then shell out and write": f"""
-import gc, os, subprocess
-{DISABLE_AUDIT_HOOK}def add(a, b):
-    wins = 0
-    for attempt in (
+    "defeat the audit hook, then shell out and write": each_attempt("import gc, os, subprocess\n" + DISABLE_AUDIT_HOOK, """\
         lambda: os.system("touch OUTSIDE/shell.txt") == 0 or 1 / 0,
         lambda: subprocess.run(["touch", "OUTSIDE/subprocess.txt"], check=True),
         lambda: open("OUTSIDE/after-hook.txt", "w").write("x"),
-    ):
-        try:
-            attempt()
-            wins += 1
-        except Exception:
-            pass
-    return {WIN} if wins else {LOSE}
-""",
+""", catch="Exception"),
     "fork bomb, subprocess, posix_spawn, multiprocessing": f"""
 import os
 def add(a, b):
