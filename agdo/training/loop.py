@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -262,7 +261,7 @@ class Trainer:
         """Forward/backward over ``rows`` (this process's share) in chunks, then one optimizer step.
 
         ``loss_fn(logits, chunk) -> (loss_sum, stats)``: the SUM of the chunk's per-row losses, and counts
-        to add up. Each row's loss is divided by the rows of the whole update over all processes. Returns
+        to add up (0-dim tensors, so that nothing syncs with the host per chunk). Each row's loss is divided by the rows of the whole update over all processes. Returns
         ``{"loss" (per row), "rows", "grad_norm", **summed stats}``, or None when no process has a row (no
         update is made). Raises when the update would train on zero supervised tokens, or is non-finite
         more often than ``max_nonfinite_steps``.
@@ -275,22 +274,25 @@ class Trainer:
         scale = accelerator.num_processes  # DDP averages gradients over processes
         pieces = [piece for part in rows for piece in chunks(part, self.config.forward_batch_size)]
         self.model.train()
-        loss_sum, stats = 0.0, Counter()
+        # Sums stay on the device: one host sync for the whole update, not one per chunk.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        stats = {}
         if not pieces:  # other processes have rows: this one must still join the gradient all-reduce, and
             self._idle_backward()  # report the same statistics (zeros) so the reductions below line up
             empty = rows[0]
-            stats.update({k: float(v) for k, v in loss_fn(
-                torch.zeros(*empty[0].shape, self.adapter.vocab_size, device=accelerator.device), empty)[1].items()})
+            no_logits = torch.zeros(*empty[0].shape, self.adapter.vocab_size, device=accelerator.device)
+            stats = {k: torch.as_tensor(v, dtype=torch.float64, device=accelerator.device)
+                     for k, v in loss_fn(no_logits, empty)[1].items()}
         for i, piece in enumerate(pieces):
             with contextlib.nullcontext() if i == len(pieces) - 1 else _accumulate_only(accelerator, self.model):
                 logits = self.adapter.forward(piece.input_ids, piece.attention_mask, model=self.model).logits
                 piece_loss, piece_stats = loss_fn(logits, piece)
                 accelerator.backward(piece_loss / total_rows * scale)
-            loss_sum += piece_loss.item()
-            stats.update({k: float(v) for k, v in piece_stats.items()})
+            loss_sum = loss_sum + piece_loss.detach().double()
+            for k, v in piece_stats.items():
+                stats[k] = stats.get(k, 0) + torch.as_tensor(v, dtype=torch.float64, device=accelerator.device)
         keys = sorted(stats)
-        summed = accelerator.reduce(torch.tensor([loss_sum, *(stats[k] for k in keys)], dtype=torch.float64,
-                                                 device=accelerator.device), reduction="sum").tolist()
+        summed = accelerator.reduce(torch.stack([loss_sum, *(stats[k] for k in keys)]), reduction="sum").tolist()
         metrics = {"loss": summed[0] / total_rows, "rows": total_rows, **dict(zip(keys, summed[1:]))}
         if metrics.get("supervised_tokens", 1) == 0:
             raise ValueError(f"step {self.state['global_step'] + 1}: the update supervises zero tokens "

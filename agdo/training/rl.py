@@ -228,13 +228,13 @@ def policy_loss(logits: torch.Tensor, rows: RLRows, *, epsilon: float, epsilon_h
     low, high = 1 - epsilon, 1 + epsilon_high
     per_token = -torch.minimum(ratio * advantages, ratio.clamp(low, high) * advantages)
     clipped = ((ratio < low) & (advantages < 0)) | ((ratio > high) & (advantages > 0))
-    stats = {"supervised_tokens": int(supervised.sum()), "clipped_tokens": int(clipped.sum())}
+    stats = {"supervised_tokens": supervised.sum(), "clipped_tokens": clipped.sum()}
     if beta > 0:
         ref = old if rows.ref_logp is None else rows.ref_logp[supervised]
         log_ratio = ref - logp
         kl = torch.exp(log_ratio) - log_ratio - 1
         per_token = per_token + beta * kl
-        stats["kl_row_sum"] = float((kl.detach() * weights).sum())
+        stats["kl_row_sum"] = (kl.detach() * weights).sum()
     return (per_token * weights).sum(), stats
 
 

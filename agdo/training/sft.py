@@ -108,7 +108,7 @@ def build_rows(config: SFTConfig, adapter, batch: dict, epoch: int) -> MaskedRow
 
 def sft_loss(logits: torch.Tensor, rows: MaskedRows) -> tuple[torch.Tensor, dict]:
     """Sum over the rows of Eq. 9 (weights ``(1 + gamma * I_k) / |M_sub|``, or LLaDA's ``1 / (t n)``)."""
-    return weighted_nll(logits, rows.targets, rows.weights), {"supervised_tokens": int((rows.weights > 0).sum())}
+    return weighted_nll(logits, rows.targets, rows.weights), {"supervised_tokens": (rows.weights > 0).sum()}
 
 
 class SFTTrainer(Trainer):
