@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from agdo.data import BENCHMARKS, data_root, load_benchmark, read_sft_jsonl
+from agdo.data import BENCHMARKS, data_root, load_benchmark, read_sft_jsonl, read_task_jsonl
 from agdo.rewards import math_reward
 
 
@@ -208,3 +208,18 @@ def test_corrupt_gzip_is_named(tmp_path):
     (tmp_path / "humaneval" / "HumanEval.jsonl.gz").write_bytes(b"\x1f\x8bnot really gzip")
     with pytest.raises(ValueError, match=r"HumanEval\.jsonl\.gz: corrupt gzip file"):
         load_benchmark("humaneval", root=tmp_path)
+
+
+def test_read_task_jsonl_names_the_line_and_refuses_an_empty_file(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text('{"prompt": "1+1=", "answer": "2", "reward": "exact"}\n\n{"question": "q?", "reward": "math"}\n')
+    assert [r["reward"] for r in read_task_jsonl(path)] == ["exact", "math"]
+    for line, message in (('{"prompt": "p"}', r"tasks\.jsonl:2: expected an object with a string `reward`"),
+                          ('{"reward": "exact", "answer": "2"}', r"tasks\.jsonl:2: expected a string `prompt`"),
+                          ('{"reward": "exact", "prompt": 3}', r"tasks\.jsonl:2: expected a string `prompt`")):
+        path.write_text('{"prompt": "p", "reward": "exact"}\n' + line + "\n")
+        with pytest.raises(ValueError, match=message):
+            read_task_jsonl(path)
+    path.write_text("\n \n")
+    with pytest.raises(ValueError, match=r"tasks\.jsonl: no task records"):
+        read_task_jsonl(path)
