@@ -92,7 +92,7 @@ def test_rl_step(measure, tmp_path, case_name, method):
         metrics = step()
         assert metrics["updates"] == 1 and metrics["groups_kept"] == case["prompts"], metrics
         measure(step, group=f"rl_step/{case_name}", impl=method, baseline=method == "tracerl",
-                rounds=3 if case["device"] == "cpu" else 3,
+                rounds=3,
                 note=lambda: f"analysis {100 * statistics.median(shares):.2f}% of the step, "
                              f"{metrics['rows_per_response']:.1f} rows/response")
     finally:
