@@ -1,4 +1,4 @@
-"""``agdo`` command line: ``quickstart``, ``sft``, ``rl``, ``eval``, ``analyze``.
+"""``agdo`` command line: ``quickstart``, ``sft``, ``rl``, ``filter-overdenoising``, ``eval``, ``analyze``.
 
 Every command takes an optional ``--config FILE`` (YAML) and ``key=value`` overrides of its config
 dataclass, e.g. ``agdo sft --config configs/sft/dream_v0_instruct_7b_agdo.yaml learning_rate=2e-6``.
@@ -71,6 +71,15 @@ def _rl(config) -> None:
     print(f"done: {train_rl(config)}")
 
 
+def _filter_overdenoising(config) -> None:
+    from .training.mdpo import filter_overdenoising
+
+    counts = filter_overdenoising(config)
+    total = sum(counts.values())
+    print(" | ".join(f"{name}: {count} ({100 * count / total:.1f}%)" for name, count in counts.items()))
+    print(f"wrote {counts['over_denoising']} over-denoising prompts to {config.output_file}")
+
+
 def _eval(config) -> None:
     from .eval import run_eval
 
@@ -106,13 +115,16 @@ def _analyze(config: AnalyzeConfig) -> None:
 def _commands() -> dict:
     from .eval import EvalConfig
     from .quickstart import QuickstartConfig
+    from .training.mdpo import OverdenoisingConfig
     from .training.rl import RLConfig
     from .training.sft import SFTConfig
 
     return {
         "quickstart": (QuickstartConfig, _quickstart, "small end-to-end AGDO reproduction on CPU"),
         "sft": (SFTConfig, _sft, "supervised fine-tuning: agdo | random | blockwise | left_to_right"),
-        "rl": (RLConfig, _rl, "reinforcement learning: agdo (AGDO-RL) | tracerl"),
+        "rl": (RLConfig, _rl, "reinforcement learning: agdo | tracerl | diffu_grpo | coupled | wd1 | mdpo"),
+        "filter-overdenoising": (OverdenoisingConfig, _filter_overdenoising,
+                                 "MDPO's data filter: prompts right at some denoising step, wrong at the end"),
         "eval": (EvalConfig, _eval, "benchmarks x decoding settings x seeds -> accuracy table"),
         "analyze": (AnalyzeConfig, _analyze, "attention analysis plots (paper Figs. 1, 2, 6)"),
     }

@@ -49,6 +49,7 @@ class EvalConfig:
     top_k: Optional[int] = None
     threshold: Optional[float] = None
     candidate_threshold: float = 0.9
+    schedule: str = "linear"  # static schedule (paper 003 App. B.2: linear, cosine, sqrt, exp, log, ...)
     batch_size: int = 8
     output_dir: str = "runs/eval"
 
@@ -80,7 +81,7 @@ class EvalConfig:
             return SamplerConfig(
                 gen_length=self.gen_length, steps=self.steps, block_length=self.block_length,
                 temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, alg=alg,
-                threshold=self.threshold, candidate_threshold=self.candidate_threshold,
+                threshold=self.threshold, candidate_threshold=self.candidate_threshold, schedule=self.schedule,
             )
         except ValueError as error:
             raise ValueError(f"EvalConfig (algs entry {alg!r}): {error}") from None

@@ -176,6 +176,17 @@ def test_rcr_remasks_a_committed_token_with_low_running_confidence():
     config = SamplerConfig(gen_length=3, steps=3, alg="rcr", return_predictions=True)
     result, _ = run(rcr_script, config)
     assert result.masked[:, 0].tolist() == [[True] * 3, [False, True, True], [True, False, False]]
+    # Predictions: an argmax at masked positions (temperature 0); position 2's .2 is not its top at step 0,
+    # the tokens sharing the rest tie above it.
+    weak = dist(4, 0.2)
+    top_p = float(weak.max())
+    assert weak[int(result.predictions[0, 0, 2])] == top_p
+    assert result.predictions[:, 0, :2].tolist() == [[2, 3], [2, 3], [5, 3]]
+    assert result.predictions[1:, 0, 2].tolist() == [4, 4]
+    nan = float("nan")
+    torch.testing.assert_close(result.prediction_probs[:, 0].double(),
+                               torch.tensor([[0.5, 0.3, top_p], [nan, 0.9, 0.8], [0.6, nan, nan]], dtype=torch.float64),
+                               equal_nan=True, rtol=1e-5, atol=1e-6)
     assert result.response.tolist() == [[5, 3, 4]]
     assert result.trace.tolist() == [[2, 1, 1]]
     # Low-confidence remasking freezes the early token 2 instead.
@@ -337,6 +348,8 @@ def test_schedules_sum_to_the_block_and_commit_every_step():
     assert tokens_per_step("sqrt", 8, 4).tolist() == [4, 2, 1, 1]  # 4, 2, 1, 0
     assert tokens_per_step("exp", 8, 4).tolist() == [2, 2, 2, 2]  # 6, 4, 2, 0
     assert tokens_per_step("log", 8, 4).tolist() == [3, 2, 2, 1]  # 5, 3, 1, 0
+    assert tokens_per_step("square", 8, 4).tolist() == [1, 1, 3, 3]  # 7, 6, 3, 0
+    assert tokens_per_step("cubic", 8, 4).tolist() == [1, 1, 2, 4]  # 7, floor(7.0) = 7 → at least one: 6, 4, 0
     for schedule in SCHEDULES:
         for length, steps in [(32, 8), (7, 7), (5, 8), (64, 3), (1, 1)]:
             k = tokens_per_step(schedule, length, steps)

@@ -164,6 +164,8 @@ class GenerationResult:
         predictions: ``(T, B, R)`` int64, the sequence with every masked position replaced by the step's
             prediction (the drawn ``x̂`` in the active block, the argmax elsewhere) — MDPO's ``x̂_0``.
         masked: ``(T, B, R)`` bool, the masked positions going into each step (with ``predictions``).
+        prediction_probs: ``(T, B, R)`` probability of each masked position's prediction under the step's
+            (untempered) softmax, NaN at unmasked positions (with ``predictions``).
         s: ``(T, B, R)`` valid attention of every response token at each step (U = unmasked tokens).
         token_probs: ``(T, B, R)`` probability, under step ``t``'s forward pass, of the token a position
             holds after step ``t`` (NaN while masked) — ``p_t(x_i)`` for ΔP (:mod:`agdo.analysis`).
@@ -176,6 +178,7 @@ class GenerationResult:
     confidences: Optional[torch.Tensor] = None
     predictions: Optional[torch.Tensor] = None
     masked: Optional[torch.Tensor] = None
+    prediction_probs: Optional[torch.Tensor] = None
     s: Optional[torch.Tensor] = None
     token_probs: Optional[torch.Tensor] = None
 
@@ -321,10 +324,15 @@ def generate(
             predicted = torch.where(masked_in_block, confidence, nan)
             records["confidences"].append(torch.full((B, R), nan, device=device).scatter(1, positions, predicted))
         if config.return_predictions:
-            elsewhere = torch.where(masked, argmax_excluding(logits, mask_id), response)
+            best = argmax_excluding(logits, mask_id)
+            elsewhere = torch.where(masked, best, response)
             in_block = torch.where(masked_in_block, drawn, block_tokens)
             records["predictions"].append(elsewhere.scatter(1, positions, in_block))
             records["masked"].append(masked & live)
+            # p of each masked position's prediction under the step's softmax (MDPO's confidence weight).
+            best_prob = (logits.gather(-1, best.unsqueeze(-1)).squeeze(-1).float() - logits.float().logsumexp(-1)).exp()
+            probs = best_prob.scatter(1, positions, confidence)
+            records["prediction_probs"].append(torch.where(masked & live, probs, nan))
         if config.return_s:
             records["s"].append(torch.where(live, out.s[:, P:].float(), nan))
         if config.return_token_probs:

@@ -5,6 +5,8 @@ to ``phi(1) = 0`` (all committed): after step ``t`` of ``T`` a block of ``L`` to
 ``floor(phi(t / T) * L)`` masked (MDPO, paper 003 Eq. 13, App. B.2):
 
 - ``linear``   ``1 - r``; LLaDA's split: ``L // T`` per step, the remainder to the first steps
+- ``cubic``    ``1 - r^3``
+- ``square``   ``1 - r^2``
 - ``cosine``   ``(1 + cos(pi r)) / 2``
 - ``sqrt``     ``1 - sqrt(r)`` (square root)
 - ``exp``      ``(e - e^r) / (e - 1)`` (exponential)
@@ -21,9 +23,11 @@ import math
 
 import torch
 
-SCHEDULES = ("linear", "cosine", "sqrt", "exp", "log")
+SCHEDULES = ("linear", "cubic", "square", "cosine", "sqrt", "exp", "log")
 
 _MASK_RATIO = {
+    "cubic": lambda r: 1 - r**3,
+    "square": lambda r: 1 - r**2,
     "cosine": lambda r: (1 + torch.cos(math.pi * r)) / 2,
     "sqrt": lambda r: 1 - torch.sqrt(r),
     "exp": lambda r: (math.e - torch.exp(r)) / (math.e - 1),

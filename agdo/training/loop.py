@@ -164,6 +164,7 @@ class Trainer:
 
     batches_per_step = 1  # batches of the DataLoader per step (SFT: the accumulation window)
     updates_per_step = 1  # optimizer updates per step (RL: num_iterations x updates per rollout batch)
+    rows_per_unit = 1  # consecutive rows one loss term reads together (coupled GRPO: 3)
 
     @property
     def per_device_batch_size(self) -> int:
@@ -178,6 +179,10 @@ class Trainer:
 
     def describe(self) -> str:
         return ""
+
+    def progress(self, metrics: dict) -> dict:
+        """What the progress bar shows after a step."""
+        return {"loss": f"{metrics['loss']:.4f}"} if "loss" in metrics else {}
 
     def setup(self) -> None:
         """Called once the accelerator exists, before the optimizer, schedule and model are prepared."""
@@ -204,6 +209,7 @@ class Trainer:
                 state["batches_done"] += len(window)
                 state["global_step"] += 1
                 progress.update(1)
+                progress.set_postfix(self.progress(metrics), refresh=False)
                 if state["global_step"] % config.logging_steps == 0:
                     logger.log(state["global_step"], {**metrics, "lr": self.scheduler.get_last_lr()[0],
                                                       "epoch": epoch})
@@ -272,7 +278,9 @@ class Trainer:
         if total_rows == 0:
             return None
         scale = accelerator.num_processes  # DDP averages gradients over processes
-        pieces = [piece for part in rows for piece in chunks(part, self.config.forward_batch_size)]
+        unit = self.rows_per_unit  # rows a loss needs together (coupled triples): chunks never split them
+        size = max(unit, self.config.forward_batch_size // unit * unit)
+        pieces = [piece for part in rows for piece in chunks(part, size)]
         self.model.train()
         # Sums stay on the device: one host sync for the whole update, not one per chunk.
         loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)

@@ -5,8 +5,9 @@ weighted sum over the supervised tokens, so the trainers share one forward and o
 ``loss = sum_rows sum_k weights[k] * term_k / rows`` (SFT: ``term`` = NLL; RL: the clipped surrogate).
 Per-row normalisations are folded into ``weights``; the division by the rows of the whole optimizer
 update is done by :meth:`agdo.training.loop.Trainer.optimizer_update`.
-The prompt is never masked; positions of the response region that are not trained (pads beyond
-``post_num``) are always masked in the input and never supervised.
+The prompt is never masked (except by d1's estimator, :func:`mean_field_rows`, which masks a fraction of
+it); positions of the response region that are not trained (pads beyond ``post_num``) are always masked in
+the input and never supervised.
 """
 
 from __future__ import annotations
@@ -130,6 +131,65 @@ def random_rows(
     weights = hidden / (t * count)
     step = torch.full_like(sample, -1)
     return _assemble(input_ids, attention_mask, response_start, sample, hidden | ~row_trained, weights, mask_token_id, step)
+
+
+def mean_field_rows(
+    input_ids,
+    attention_mask,
+    *,
+    response_start: int,
+    trained,
+    mask_token_id: int,
+    masks_per_sample: int,
+    p_mask_prompt: float,
+    token_mean: bool = True,
+    generator=None,
+) -> MaskedRows:
+    """d1's one-step (mean-field) estimator (diffu-GRPO): the whole completion masked, each real prompt token
+    masked with probability ``p_mask_prompt``, every trained completion token supervised with weight
+    ``1/n`` (``n`` = the sample's trained tokens, so a row gives the mean over its completion; with
+    ``token_mean=False`` weight 1, the sum, as wd1 uses it). ``masks_per_sample`` rows per sample, each with
+    its own prompt mask."""
+    B, P = input_ids.shape[0], response_start
+    sample = torch.arange(B, device=input_ids.device).repeat_interleave(masks_per_sample)
+    row_trained = trained[sample]
+    weights = row_trained / row_trained.sum(-1, keepdim=True).clamp_min(1) if token_mean else row_trained.float()
+    rows = _assemble(input_ids, attention_mask, P, sample, torch.ones_like(row_trained), weights, mask_token_id,
+                     torch.full_like(sample, -1))
+    real = attention_mask[sample, :P].bool()
+    hidden = real & (torch.rand(real.shape, generator=generator, device=input_ids.device) < p_mask_prompt)
+    rows.input_ids[:, :P] = torch.where(hidden, mask_token_id, rows.input_ids[:, :P])
+    return rows
+
+
+def coupled_rows(
+    input_ids,
+    attention_mask,
+    *,
+    response_start: int,
+    trained,
+    mask_token_id: int,
+    masks_per_sample: int,
+    generator=None,
+) -> MaskedRows:
+    """DiffuCoder's coupled sampling: per draw ``t ~ U(0.2, 0.8)``, three consecutive rows — the completion
+    fully masked, each trained token masked w.p. ``t``, and the complement of that mask (the prompt is never
+    masked). The weights carry what the coupled log-prob needs (:func:`agdo.training.rl.coupled_loss`):
+    row 0 ``1/n`` on the trained tokens (the token mean), row 1 ``1/t`` and row 2 ``1/(1-t)`` on the tokens
+    each masks. ``masks_per_sample`` draws per sample."""
+    B, device = input_ids.shape[0], input_ids.device
+    draws = torch.arange(B, device=device).repeat_interleave(masks_per_sample)
+    draw_trained = trained[draws]
+    t = 0.2 + 0.6 * torch.rand(draws.shape[0], 1, generator=generator, device=device)
+    first = draw_trained & (torch.rand(draw_trained.shape, generator=generator, device=device) < t)
+    second = draw_trained & ~first
+    hidden = torch.stack([draw_trained, first, second], 1)  # (D, 3, R)
+    weights = torch.stack([draw_trained / draw_trained.sum(-1, keepdim=True).clamp_min(1), first / t,
+                           second / (1 - t)], 1)
+    sample = draws.repeat_interleave(3)
+    untrained = ~trained[sample]
+    return _assemble(input_ids, attention_mask, response_start, sample, hidden.flatten(0, 1) | untrained,
+                     weights.flatten(0, 1).float(), mask_token_id, torch.full_like(sample, -1))
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
