@@ -13,7 +13,8 @@ import yaml
 from agdo.config import build_config
 from agdo.eval import EvalConfig
 from agdo.data import BENCHMARKS
-from agdo.training.rl import RLConfig
+from agdo.training.mdpo import OverdenoisingConfig
+from agdo.training.rl import RL_METHODS, RLConfig
 from agdo.training.sft import SFTConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -21,6 +22,7 @@ SFT_FILES = sorted((CONFIGS / "sft").glob("*.yaml"))
 EVAL_FILES = sorted((CONFIGS / "eval").glob("*.yaml"))
 RL_FILES = sorted((CONFIGS / "rl").glob("*.yaml"))
 ACCELERATE_FILES = sorted((CONFIGS / "accelerate").glob("*.yaml"))
+FILTER_FILES = sorted((CONFIGS / "filter").glob("*.yaml"))
 NUM_GPUS = 8  # the accelerate configs' num_processes; the paper's total batch is 128 (App. C)
 
 
@@ -29,7 +31,10 @@ def _ids(paths):
 
 
 def test_configs_exist():
-    assert SFT_FILES and EVAL_FILES and ACCELERATE_FILES and RL_FILES
+    assert SFT_FILES and EVAL_FILES and ACCELERATE_FILES and RL_FILES and FILTER_FILES
+    # Every RL method has a paper-scale recipe (the AGDO paper's Tables 2 and 4, MDPO's paper 003).
+    methods = {build_config(RLConfig, path).method for path in RL_FILES}
+    assert methods == set(RL_METHODS)
     for name in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "ddp.yaml"):
         assert (CONFIGS / "accelerate" / name).is_file()
 
@@ -52,10 +57,19 @@ def test_sft_config_loads(path):
 @pytest.mark.parametrize("path", RL_FILES, ids=_ids(RL_FILES))
 def test_rl_config_loads(path):
     config = build_config(RLConfig, path)
-    assert config.mixed_precision == "bf16" and config.learning_rate == pytest.approx(1e-6)
-    assert config.temperature == 1.0 and config.model_name_or_path
+    assert config.mixed_precision == "bf16" and config.model_name_or_path
     assert bool(config.train_file) != bool(config.benchmarks)
     assert all(name in BENCHMARKS for name in config.benchmarks or [])
+    if config.method == "mdpo":  # paper 003 §3.1 and App. A.3
+        assert config.learning_rate == pytest.approx(7e-7) and config.max_steps == 100
+        assert (config.num_generations, config.diffusion_steps, config.steps_per_sample) == (8, 128, 8)
+        assert config.beta == 0.08 and config.block_length_mixture == [128, 512]
+        return
+    assert config.learning_rate == pytest.approx(1e-6) and config.temperature == 1.0
+    if config.method in ("diffu_grpo", "wd1"):  # §6.1: 15 independent masks per response
+        assert config.masks_per_sample == 15 and config.p_mask_prompt == 0.15
+    if config.method == "coupled":  # 5 draws x 3 forwards = 15 forward passes per response
+        assert config.masks_per_sample == 5
     if path.name != "quick.yaml":  # the paper's App. C settings
         assert (config.prompts_per_step, config.num_generations, config.max_completion_length) == (32, 8, 1024)
         assert config.diffusion_steps is None  # one token per step
@@ -70,6 +84,13 @@ def test_eval_config_loads(path):
     assert config.benchmarks and config.algs and config.seeds
     assert config.block_length is None or config.gen_length % config.block_length == 0
     assert config.steps % (config.gen_length // (config.block_length or config.gen_length)) == 0
+
+
+@pytest.mark.parametrize("path", FILTER_FILES, ids=_ids(FILTER_FILES))
+def test_filter_config_loads(path):
+    config = build_config(OverdenoisingConfig, path)
+    assert config.sampler_config().return_predictions and config.temperature == 0.0
+    assert all(name in BENCHMARKS for name in config.benchmarks or [])
 
 
 def test_overrides_apply_to_shipped_config():

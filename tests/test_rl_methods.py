@@ -355,6 +355,39 @@ def test_mdpo_rows_train_the_top_steps_of_each_rollout(tmp_path):
         assert (rows.advantages[r, P:] == float(step_advantages[c, n])).all()
 
 
+def test_block_length_mixture_decodes_each_prompt_with_its_block_length(tmp_path):
+    """MDPO's mixture of semi-AR and pure-diffusion rollouts: prompt i decodes with block_length_mixture[i % 2];
+    each response equals the one a whole batch decoded with that block length gives for its row."""
+    from agdo.eval import encode_prompts, prompt_text
+    from agdo.sampling import generate
+    from agdo.training.masking import sample_generator
+
+    trainer = _one_step_trainer(tmp_path, "mdpo", block_length_mixture=[1, 3], generation_batch_size=3)
+    try:
+        records = [trainer.dataset[i] for i in range(4)]
+        rollouts = trainer._rollout(records, epoch=0)
+    finally:
+        trainer.rewards.close()
+    config, G = trainer.config, 4
+    ids, mask = encode_prompts(trainer.adapter.tokenizer, [prompt_text(r) for r in records], "cpu")
+    ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+    for block_length in (1, 3):
+        generators = [sample_generator(config.seed, 0, r["index"], g, 0) for r in records for g in range(G)]
+        whole = generate(trainer.adapter, ids, mask, config.sampler_config(block_length), generator=generators)
+        rows = [i * G + g for i, r in enumerate(records) if [1, 3][r["index"] % 2] == block_length for g in range(G)]
+        assert torch.equal(rollouts.sequences[rows], whole.sequences[rows])
+        assert torch.equal(rollouts.trace[rows], whole.trace[rows])
+        T = whole.predictions.shape[0]
+        assert torch.equal(rollouts.predictions[:T, rows], whole.predictions[:, rows])
+        assert not rollouts.masked[T:, rows].any()  # padded steps of a shorter schedule mask nothing
+    # Block length 1 is one token per block: left to right (an EOS settles what follows in its step).
+    semi_ar = [i * G + g for i, r in enumerate(records) if r["index"] % 2 == 0 for g in range(G)]
+    trace = rollouts.trace[semi_ar]
+    assert semi_ar and (trace[:, 1:] >= trace[:, :-1]).all() and (trace[:, 0] == 0).all()
+    with pytest.raises(ValueError, match="block_length must divide"):
+        RLConfig(max_completion_length=4, block_length_mixture=[4, 3])
+
+
 # ------------------------------------------------------------------------------------ over-denoising
 
 

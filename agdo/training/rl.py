@@ -114,6 +114,10 @@ class RLConfig(TrainingArguments):
     max_completion_length: int = 1024
     diffusion_steps: Optional[int] = None  # None: one token per step
     block_length: Optional[int] = None  # None: the whole completion is one block
+    # Several block lengths, one per prompt in turn (prompt index modulo the list): MDPO's "even mixture" of
+    # semi-AR (128) and pure-diffusion (= max_completion_length) rollouts (paper 003 §3.4). Overrides
+    # block_length.
+    block_length_mixture: Optional[list[int]] = None
     temperature: float = 1.0
     top_p: Optional[float] = None
     top_k: Optional[int] = None
@@ -187,7 +191,10 @@ class RLConfig(TrainingArguments):
             raise ValueError(f"`p_mask_prompt` must be in [0, 1], got {self.p_mask_prompt}")
         if self.train_file and self.benchmarks:
             raise ValueError("give either `train_file` or `benchmarks`, not both")
-        self.sampler_config()  # decoding settings are checked here, not at the first rollout
+        if self.block_length_mixture is not None and not self.block_length_mixture:
+            raise ValueError("`block_length_mixture` is empty: give block lengths, or null")
+        for block_length in self.block_length_mixture or [self.block_length]:
+            self.sampler_config(block_length)  # decoding settings are checked here, not at the first rollout
 
     @property
     def steps_per_sample(self) -> Optional[int]:
@@ -202,10 +209,16 @@ class RLConfig(TrainingArguments):
         return (default[0] if self.mask_ratio_min is None else self.mask_ratio_min,
                 default[1] if self.mask_ratio_max is None else self.mask_ratio_max)
 
-    def sampler_config(self) -> SamplerConfig:
+    def rollout_block_length(self, index: int) -> Optional[int]:
+        """The block length of the rollouts of prompt ``index``."""
+        if self.block_length_mixture:
+            return self.block_length_mixture[index % len(self.block_length_mixture)]
+        return self.block_length
+
+    def sampler_config(self, block_length: Optional[int] = None) -> SamplerConfig:
         return SamplerConfig(
             gen_length=self.max_completion_length, steps=self.diffusion_steps or self.max_completion_length,
-            block_length=self.block_length, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            block_length=self.block_length if block_length is None else block_length, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             alg=self.decoding_alg, candidate_threshold=self.candidate_threshold, stop_at_eos=self.stop_at_eos,
             return_predictions=self.method == "mdpo",
         )
@@ -538,24 +551,30 @@ class RLTrainer(Trainer):
         generators = [sample_generator(config.seed, epoch, r["index"], g, 0, device=ids.device)
                       for r in records for g in range(G)]
         size = config.generation_batch_size or ids.shape[0]
-        sampler = config.sampler_config()
-        results = []
-        for start in range(0, ids.shape[0], size):
-            end = start + size
-            results.append(generate(adapter, ids[start:end], mask[start:end], sampler, generator=generators[start:end]))
-        sequences = torch.cat([r.sequences for r in results])
+        # Responses grouped by their block length (one unless block_length_mixture), in calls of `size`.
+        block_lengths = [config.rollout_block_length(r["index"]) for r in records for _ in range(G)]
+        calls = []
+        for block_length in dict.fromkeys(block_lengths):
+            members = [i for i, length in enumerate(block_lengths) if length == block_length]
+            for start in range(0, len(members), size):
+                part = members[start : start + size]
+                calls.append((part, generate(adapter, ids[part], mask[part], config.sampler_config(block_length),
+                                             generator=[generators[i] for i in part])))
+        order = torch.tensor([i for part, _ in calls for i in part]).argsort().to(ids.device)
+        results = [result for _, result in calls]
+        sequences = torch.cat([r.sequences for r in results])[order]
         P = ids.shape[1]
         response = sequences[:, P:]
         completions = [self._decode(row) for row in response]
         attention_mask = torch.cat([mask, torch.ones_like(response, dtype=torch.bool)], dim=1)
         forward_passes = sum(r.num_steps * r.sequences.shape[0] for r in results)
         predictions = masked = probs = None
-        if sampler.return_predictions:  # calls may run different numbers of steps: pad to the longest
+        if results[0].predictions is not None:  # calls may run different numbers of steps: pad to the longest
             T = max(r.num_steps for r in results)
-            predictions = torch.cat([_pad_steps(r.predictions, T, r.response) for r in results], dim=1)
-            masked = torch.cat([_pad_steps(r.masked, T, False) for r in results], dim=1)
-            probs = torch.cat([_pad_steps(r.prediction_probs, T, float("nan")) for r in results], dim=1)
-        return Rollouts(sequences, attention_mask, P, torch.cat([r.trace for r in results]), completions,
+            predictions = torch.cat([_pad_steps(r.predictions, T, r.response) for r in results], dim=1)[:, order]
+            masked = torch.cat([_pad_steps(r.masked, T, False) for r in results], dim=1)[:, order]
+            probs = torch.cat([_pad_steps(r.prediction_probs, T, float("nan")) for r in results], dim=1)[:, order]
+        return Rollouts(sequences, attention_mask, P, torch.cat([r.trace for r in results])[order], completions,
                         forward_passes, predictions, masked, probs)
 
     def _training_rows(self, rollouts, advantages, keep, records, epoch, clock, extra) -> tuple[list, dict]:
