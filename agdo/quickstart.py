@@ -4,9 +4,11 @@
    (:mod:`agdo.tasks`) with the LLaDA objective.
 2. Post-train three copies at matched forward passes: ``random`` (LLaDA SFT), ``blockwise`` and
    ``agdo`` (attention-guided order + influence weights).
-3. RL from the AGDO-SFT model (the paper's "AGDO = SFT + RL" path): AGDO-RL and TraceRL on the training
-   problems with an exact-match reward, same prompts, steps and rollouts, one training row per decoded
-   token for both (matched forward passes; the measured counts are printed).
+3. RL from the AGDO-SFT model (the paper's "AGDO = SFT + RL" path): AGDO-RL and TraceRL by default
+   (``rl_methods`` takes any of ``diffu_grpo``, ``coupled``, ``wd1``, ``mdpo`` too) on the training problems
+   with an exact-match reward, same prompts, steps and rollouts, at matched forward passes: the order
+   methods train one row per decoded token, the mask-based ones get as many masks per response (the AGDO
+   paper's §6.1 matching); the measured counts are printed.
 4. Evaluate the base and every copy with ``max_prob`` and ``max_s`` decoding over several seeds, each
    seed a fresh held-out problem set, and print the table in the shape of the paper's Tables 1-3.
 5. Save the attention-analysis plots (Figs. 1, 2, 6) for the base and the AGDO model.
@@ -55,13 +57,21 @@ class QuickstartConfig:
     post_num: int = 1
     hidden_size: int = 128
     num_layers: int = 4
-    # RL from the AGDO-SFT model; [] skips the stage.
+    # RL from the AGDO-SFT model; [] skips the stage. Any of agdo.training.rl.RL_METHODS.
     rl_methods: list = dataclasses.field(default_factory=lambda: ["agdo", "tracerl"])
     rl_steps: int = 40
     rl_prompts_per_step: int = 16
     rl_num_generations: int = 8
     rl_learning_rate: float = 1e-4
     rl_decoding_alg: str = "max_prob"
+
+    def __post_init__(self):
+        from .training.rl import RL_METHODS
+
+        unknown = [m for m in self.rl_methods if m not in RL_METHODS]
+        if unknown or len(set(self.rl_methods)) != len(self.rl_methods):
+            raise ValueError(f"QuickstartConfig: `rl_methods` must be distinct names of {list(RL_METHODS)}, got "
+                             f"{self.rl_methods}")
 
 
 def _posttrain_configs(config: QuickstartConfig, response_tokens: int, output_dir: Path) -> dict:
@@ -81,6 +91,23 @@ def _posttrain_configs(config: QuickstartConfig, response_tokens: int, output_di
                            max_steps=round(budget / rows), **common), rows)
         for method, rows in rows_per_sample.items()
     }
+
+
+RL_LABELS = {"agdo": "AGDO-RL", "tracerl": "TraceRL", "diffu_grpo": "diffu-GRPO", "coupled": "coupled GRPO",
+             "wd1": "wd1", "mdpo": "MDPO"}
+
+
+def _rl_compute_match(method: str, gen_length: int) -> dict:
+    """Per-method settings that give every RL method about one training row per decoded token (the order
+    methods' count with one token per decoding step): masks per response for the mask-based methods (a
+    coupled draw is 3 rows), every decoding step for MDPO."""
+    if method in ("diffu_grpo", "wd1"):
+        return {"masks_per_sample": gen_length}
+    if method == "coupled":
+        return {"masks_per_sample": math.ceil(gen_length / 3)}
+    if method == "mdpo":
+        return {"max_steps_per_sample": gen_length}
+    return {}
 
 
 def run_quickstart(config: QuickstartConfig) -> str:
@@ -118,7 +145,7 @@ def run_quickstart(config: QuickstartConfig) -> str:
 
     rl_prompts = [{"prompt": p["prompt"], "answer": p["answer"], "reward": "exact"} for p in train]
     for method in config.rl_methods:
-        label = {"agdo": "AGDO-SFT + AGDO-RL", "tracerl": "AGDO-SFT + TraceRL"}[method]
+        label = f"AGDO-SFT + {RL_LABELS[method]}"
         print(f"[3/5] RL from the AGDO-SFT model with {method} ({config.rl_steps} steps of "
               f"{config.rl_prompts_per_step} prompts x {config.rl_num_generations} rollouts)")
         adapter = load_adapter(copy.deepcopy(models["AGDO-SFT"].model), tokenizer=tokenizer)
@@ -126,15 +153,17 @@ def run_quickstart(config: QuickstartConfig) -> str:
                       max_completion_length=config.digits + 2, num_generations=config.rl_num_generations,
                       prompts_per_step=config.rl_prompts_per_step, max_steps=config.rl_steps,
                       learning_rate=config.rl_learning_rate, decoding_alg=config.rl_decoding_alg, beta=0.0,
-                      reward_workers=1, forward_batch_size=1024, save_steps=10**9)
+                      reward_workers=1, forward_batch_size=1024, save_steps=10**9,
+                      **_rl_compute_match(method, config.digits + 2))
         train_rl(rl, adapter=adapter, prompts=rl_prompts)
         models[label] = adapter
         logged = read_metrics(output_dir / f"rl_{method}")
         trained = [m for m in logged if m["updates"]]
+        per_response = statistics.fmean(m["train_forward_passes_per_response"] for m in trained) if trained else 0
         forward_passes[label] = (
-            f"AGDO-SFT + {sum(m['training_forward_passes'] for m in logged)} RL training forward passes (rows; "
-            f"{statistics.fmean(m['rows_per_response'] for m in trained) if trained else 0:.2f} per response) + "
-            f"{sum(m['rollout_forward_passes'] for m in logged)} rollout forward passes")
+            f"AGDO-SFT + {sum(m['training_forward_passes'] for m in logged)} RL training forward passes "
+            f"({per_response:.2f} per trained response) + {sum(m['rollout_forward_passes'] for m in logged)} "
+            f"rollout forward passes")
 
     print(f"[4/5] evaluating {len(models)} models x (max_prob, max_s) x {len(config.seeds)} seeds")
     gen_length = config.digits + 2

@@ -15,7 +15,9 @@ from agdo.training.sft_data import collate_sft, encode_example
 
 TINY_QUICKSTART = ["digits=1", "train_problems=64", "test_problems=6", "seeds=[0, 1]", "pretrain_steps=150",
                    "posttrain_steps=3", "batch_size=8", "hidden_size=32", "num_layers=2", "rl_steps=3",
-                   "rl_prompts_per_step=4", "rl_num_generations=4"]
+                   "rl_prompts_per_step=4", "rl_num_generations=4",
+                   "rl_methods=[agdo, tracerl, diffu_grpo, coupled, wd1, mdpo]"]
+RL_LABELS = ["AGDO-RL", "TraceRL", "diffu-GRPO", "coupled GRPO", "wd1", "MDPO"]
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +30,13 @@ def quickstart_run(tmp_path_factory):
 
 def test_quickstart_writes_table_models_and_plots(quickstart_run):
     report = (quickstart_run / "results.md").read_text()
-    for label in ("base (pre-trained)", "AGDO-SFT", "SFT (random masks)", "blockwise SFT", "AGDO-SFT + AGDO-RL",
-                  "AGDO-SFT + TraceRL"):
+    for label in ("base (pre-trained)", "AGDO-SFT", "SFT (random masks)", "blockwise SFT",
+                  *(f"AGDO-SFT + {rl}" for rl in RL_LABELS)):
         assert f"| {label} |" in report
     rows = json.loads((quickstart_run / "results.json").read_text())
-    assert len(rows) == 12 and all(0 <= r["mean"] <= 100 and r["seeds"] == 2 for r in rows)
-    for method in ("agdo", "random", "blockwise", "rl_agdo", "rl_tracerl"):
+    assert len(rows) == 2 * 10 and all(0 <= r["mean"] <= 100 and r["seeds"] == 2 for r in rows)
+    for method in ("agdo", "random", "blockwise", "rl_agdo", "rl_tracerl", "rl_diffu_grpo", "rl_coupled", "rl_wd1",
+                   "rl_mdpo"):
         assert (quickstart_run / method / "final" / "config.json").exists()
         assert (quickstart_run / method / "metrics.jsonl").exists()
     pngs = sorted(p.name for p in (quickstart_run / "plots").glob("*.png"))
@@ -47,9 +50,15 @@ def test_quickstart_forward_passes_are_matched(quickstart_run):
               if line.startswith("- ") and line.endswith(" training forward passes (rows)")}
     assert counts["- AGDO-SFT"] == counts["- SFT (random masks)"] == counts["- blockwise SFT"] > 0
     rl = {line.split(":")[0]: line for line in report.splitlines() if "RL training forward passes" in line}
-    assert set(rl) == {"- AGDO-SFT + AGDO-RL", "- AGDO-SFT + TraceRL"}
-    per_response = {label: float(line.split("rows; ")[1].split()[0]) for label, line in rl.items()}
-    assert per_response["- AGDO-SFT + AGDO-RL"] == per_response["- AGDO-SFT + TraceRL"] > 0  # matched
+    assert set(rl) == {f"- AGDO-SFT + {label}" for label in RL_LABELS}
+    per_response = {label[len("- AGDO-SFT + "):]: float(re.search(r"\(([\d.]+) per trained response\)", line).group(1))
+                    for label, line in rl.items()}
+    assert per_response["AGDO-RL"] == per_response["TraceRL"] > 0  # one row per decoded token for both
+    # The mask-based methods and MDPO get about as many rows per response (the AGDO paper's §6.1 matching);
+    # a response trains fewer tokens than the 3 decoded when it ends early, so AGDO's count is at most 3.
+    for label in ("diffu-GRPO", "wd1", "MDPO"):
+        assert per_response["AGDO-RL"] <= per_response[label] <= 3 + 1e-9, (label, per_response)
+    assert per_response["coupled GRPO"] == 3  # one draw = 3 rows
 
 
 def test_eval_and_analyze_commands(quickstart_run, tmp_path, capsys):
