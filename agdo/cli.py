@@ -1,4 +1,4 @@
-"""``agdo`` command line: ``quickstart``, ``sft``, ``rl``, ``filter-overdenoising``, ``eval``, ``analyze``.
+"""``agdo`` command line: ``quickstart``, ``sft``, ``rl``, ``filter-overdenoising``, ``eval``, ``table``, ``analyze``.
 
 Every command takes an optional ``--config FILE`` (YAML) and ``key=value`` overrides of its config
 dataclass, e.g. ``agdo sft --config configs/sft/dream_v0_instruct_7b_agdo.yaml learning_rate=2e-6``.
@@ -88,6 +88,12 @@ def _eval(config) -> None:
     Path(config.output_dir, "results.md").write_text(table + "\n")
 
 
+def _table(config) -> None:
+    from .tables import run_table
+
+    print(run_table(config))
+
+
 def _analyze(config: AnalyzeConfig) -> None:
     import torch
 
@@ -115,6 +121,7 @@ def _analyze(config: AnalyzeConfig) -> None:
 def _commands() -> dict:
     from .eval import EvalConfig
     from .quickstart import QuickstartConfig
+    from .tables import TableConfig
     from .training.mdpo import OverdenoisingConfig
     from .training.rl import RLConfig
     from .training.sft import SFTConfig
@@ -126,6 +133,7 @@ def _commands() -> dict:
         "filter-overdenoising": (OverdenoisingConfig, _filter_overdenoising,
                                  "MDPO's data filter: prompts right at some denoising step, wrong at the end"),
         "eval": (EvalConfig, _eval, "benchmarks x decoding settings x seeds -> accuracy table"),
+        "table": (TableConfig, _table, "a paper's result table: our numbers beside the paper's"),
         "analyze": (AnalyzeConfig, _analyze, "attention analysis plots (paper Figs. 1, 2, 6)"),
     }
 
