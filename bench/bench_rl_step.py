@@ -1,4 +1,5 @@
-"""One RL step, AGDO-RL vs TraceRL, and the share of the attention analysis in it.
+"""One RL step of every method — AGDO-RL vs TraceRL (the baseline), diffu-GRPO, coupled GRPO, wd1, MDPO —
+and the share of the attention analysis in AGDO-RL's.
 
 Both go through ``agdo.training.rl.RLTrainer.step`` with a real (single-process) accelerator: rollouts
 (static decoding, one token per step) → exact-match rewards in a worker process → rows → one optimizer
@@ -6,7 +7,10 @@ update. TraceRL (baseline) trains along the rollout's trace; AGDO-RL adds one no
 with the last layer's statistics captured (``S0``, ``Abar_RR``, ``I``) and the greedy order — the
 "attention analysis" whose share of the step the paper reports as 3% with eager attention (Table 8) and
 our target is <= 1% on GPU. The share printed in the note column is the analysis phase's wall time over
-the step's (CUDA-synchronised at the phase edges), measured in the timed rounds.
+the step's (CUDA-synchronised at the phase edges), measured in the timed rounds, beside the measured
+training forwards per response (the methods' default settings: one mask per response for the d1 family,
+so their steps are cheaper than the order methods' unless ``masks_per_sample`` matches them). MDPO's step
+also rewards every step's prediction (here a constant-time scripted reward).
 
 Cases: a tiny generic model on CPU; on a GPU (skipped without CUDA) a random-init bf16 model with
 Dream-v0-Instruct-7B's trunk shapes (hidden 3584, 28/4 heads, head dim 128, intermediate 18944), 4 of
@@ -36,7 +40,7 @@ CASES = {
     "cuda-dream-trunk-4l": dict(device="cuda", dtype=torch.bfloat16, hidden=3584, layers=4, heads=28, kv_heads=4,
                                 intermediate=18944, completion=256, prompts=4, generations=4, forward_batch_size=8),
 }
-METHODS = ["tracerl", "agdo"]
+METHODS = ["tracerl", "agdo", "diffu_grpo", "coupled", "wd1", "mdpo"]
 
 
 def _adapter(case):
@@ -78,9 +82,8 @@ def test_rl_step(measure, tmp_path, case_name, method):
     trainer = RLTrainer(config, adapter, prompts, accelerator=Accelerator(cpu=case["device"] == "cpu"))
     records = [trainer.dataset[i] for i in range(case["prompts"])]
     # Random weights never answer right, so every group would be skipped: fixed rewards (1, 0, 1, 0, ...)
-    # per group make both methods train on every response. Rewards are not what this bench times.
-    fixed = torch.tensor([1.0, 0.0] * (case["generations"] // 2)).repeat(case["prompts"])
-    trainer.rewards.score = lambda records, completions: fixed.tolist()
+    # per group make every method train on every response. Rewards are not what this bench times.
+    trainer.rewards.score = lambda records, completions: [float(i % 2 == 0) for i in range(len(completions))]
     shares = []
 
     def step():
@@ -94,6 +97,6 @@ def test_rl_step(measure, tmp_path, case_name, method):
         measure(step, group=f"rl_step/{case_name}", impl=method, baseline=method == "tracerl",
                 rounds=3,
                 note=lambda: f"analysis {100 * statistics.median(shares):.2f}% of the step, "
-                             f"{metrics['rows_per_response']:.1f} rows/response")
+                             f"{metrics['train_forward_passes_per_response']:.1f} training forwards/response")
     finally:
         trainer.rewards.close()

@@ -282,15 +282,17 @@ def test_resume_refuses_another_initial_model(tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
-def test_two_processes_equal_one_process(tmp_path):
-    """2 processes x 2 prompts == 1 process x 4 prompts for 3 steps of AGDO-RL, rollouts and rewards included.
+@pytest.mark.parametrize("method", ["agdo", "coupled", "mdpo"])
+def test_two_processes_equal_one_process(tmp_path, method):
+    """2 processes x 2 prompts == 1 process x 4 prompts for 3 steps, rollouts and rewards included (AGDO-RL;
+    coupled GRPO: rows in triples, fresh masks per iteration; MDPO: step rewards and step rows).
 
     Responses are generated one group per call (``generation_batch_size`` = G) with per-response generators,
     so both runs sample the same tokens; rewards are therefore identical. The attention order and the
     training chunks batch different rows together, whose float rounding may differ in the last bit:
     weights are compared with a tolerance far below one step's change.
     """
-    common = ["method=agdo", "max_steps=3", "save_steps=2", "post_num=1", "max_completion_length=3",
+    common = [f"method={method}", "max_steps=3", "save_steps=2", "post_num=1", "max_completion_length=3",
               "num_generations=4", "prompts_per_step=4", "learning_rate=1e-3", "reward_workers=1",
               "forward_batch_size=64", "generation_batch_size=4", "beta=0.05", "num_iterations=2"]
     result = launch_two_processes("rl", tmp_path / "ddp", common)

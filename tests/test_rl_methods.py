@@ -158,6 +158,35 @@ def test_coupled_loss_and_gradient_match_a_token_by_token_computation(beta):
                      epsilon_high=0.2, beta=0.0)
 
 
+@pytest.mark.parametrize("forward_batch_size", [1, 2, 4, 64])
+def test_coupled_update_keeps_triples_together_and_averages_over_them(tmp_path, forward_batch_size):
+    """A scripted model (fixed logits per row) through Trainer.optimizer_update: whatever forward_batch_size,
+    chunks hold whole triples and the logged loss is the mean over triples of the coupled loss."""
+    from agdo.models.adapter import AdapterOutput
+
+    logits, rows, *_ = _coupled_scripted(seed=9, units=4)
+    M = rows.input_ids.shape[0]
+    rows = rows._replace(input_ids=torch.arange(M)[:, None].expand(M, rows.input_ids.shape[1]).contiguous())
+    trainer = _one_step_trainer(tmp_path, "coupled", forward_batch_size=forward_batch_size, beta=0.05)
+    anchor = next(trainer.model.parameters())
+    chunk_sizes = []
+
+    def scripted(input_ids, attention_mask=None, **_):
+        chunk_sizes.append(input_ids.shape[0])
+        return AdapterOutput(logits[input_ids[:, 0]] + 0 * anchor.sum())
+
+    trainer.adapter.forward = scripted
+    try:
+        result = trainer.optimizer_update([rows], trainer._loss)
+    finally:
+        trainer.rewards.close()
+    assert all(size % 3 == 0 for size in chunk_sizes) and sum(chunk_sizes) == M
+    expected = sum(coupled_loss(logits[3 * u : 3 * u + 3], RLRows(*(None if x is None else x[3 * u : 3 * u + 3]
+                                                                    for x in rows)),
+                                epsilon=0.2, epsilon_high=0.2, beta=0.05)[0].item() / 3 for u in range(4)) / 4
+    assert result["rows"] == M and result["loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_wd1_weights_and_loss_match_the_papers_objective():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.5], [1.0, 1.0, 1.0, 1.0, 1.0], [0.0, 0.2, 0.0, 0.0, 0.0]])
     advantages, keep, _ = group_advantages(rewards, scale_rewards=False)
