@@ -5,6 +5,13 @@ and takes ``trained (B, R)``: the response tokens plus the first ``post_num`` pa
 (see :func:`trained_positions`). Tokens of one step are denoised together; steps are dense ``0..T_b-1``
 per row. Built-ins (SPEC §4): ``attention`` (AGDO, Alg. 1), ``left_to_right``, ``random``,
 ``blockwise`` and ``trace`` (TraceRL), each grouping tokens into steps the same way.
+
+The attention order and the influence take the ablation choices of the arXiv paper (Tables 5-6) as
+arguments: ``attention_layer`` (``"last"`` default, ``"first"``, ``"middle"`` = ``num_layers // 2``, or an
+int index, negative from the end) and ``attention_heads`` (``"all"`` default, a list of query-head indices,
+or ``"local"`` / ``"global"``: per sequence, the ``H // 2`` heads with the smallest mean attention distance
+``mean_i sum_k P[h,i,k]·|i-k|`` / the other ``H - H // 2``); see :mod:`agdo.models`.
+:func:`check_attention_layer` / :func:`check_attention_heads` validate them without a model (configs).
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from typing import NamedTuple, Optional
 import torch
 
 import agdo_kernels
+
+from .models._capture import ATTENTION_LAYERS, HEAD_SPLITS, check_attention_heads, check_attention_layer  # noqa: F401
 
 ORDERS = ("attention", "left_to_right", "random", "blockwise", "trace")
 
@@ -91,12 +100,15 @@ def attention_order(
     block_size: Optional[int] = None,
     block_mode: str = "global",
     influence_norm: str = "sum",
+    attention_layer="last",
+    attention_heads="all",
 ) -> AttentionOrder:
     """AGDO's order (§5.1, Alg. 1): one no-grad forward of the current model over the clean sequence.
 
-    The last layer's head-averaged attention gives ``S0`` (mass on the prompt) and ``Abar_RR``; the greedy
-    starts with ``U`` = the prompt and adds the ``step_size`` tokens with the largest valid attention each
-    round. The same forward returns the influence ``I`` (Eq. 8) over all real query rows.
+    The chosen layer's (default: the last, as in the paper) attention averaged over the chosen heads
+    (default: all) gives ``S0`` (mass on the prompt) and ``Abar_RR``; the greedy starts with ``U`` = the
+    prompt and adds the ``step_size`` tokens with the largest valid attention each round. The same forward
+    returns the influence ``I`` (Eq. 8) over all real query rows, from the same layer and heads.
     """
     out = adapter.forward(
         input_ids,
@@ -104,8 +116,27 @@ def attention_order(
         response_start=response_start,
         influence_query_mask=attention_mask,
         influence_norm=influence_norm,
+        attention_layer=attention_layer,
+        attention_heads=attention_heads,
     )
     steps = agdo_kernels.greedy_order(
         out.abar_rr, out.s0, valid=trained, step_size=step_size, block_size=block_size, block_mode=block_mode
     )
     return AttentionOrder(steps, out.influence)
+
+
+@torch.no_grad()
+def attention_influence(
+    adapter, input_ids, attention_mask, *, influence_norm: str = "sum", attention_layer="last", attention_heads="all"
+) -> torch.Tensor:
+    """``I (B, N)`` alone (Eq. 8, every real query row), from one no-grad forward: the same values as
+    :func:`attention_order`'s ``influence`` for the same arguments, without the order (SFT ablations that
+    keep the weights but not the order)."""
+    return adapter.forward(
+        input_ids,
+        attention_mask,
+        influence_query_mask=attention_mask,
+        influence_norm=influence_norm,
+        attention_layer=attention_layer,
+        attention_heads=attention_heads,
+    ).influence

@@ -162,7 +162,7 @@ def test_logits_with_capture_equal_plain_forward_and_are_token_aligned(adapters,
     assert plain.s is plain.s0 is plain.abar_rr is plain.influence is None
     for request in (dict(unmasked=unmasked), dict(response_start=P, influence_query_mask=queries)):
         captured = adapter.forward(input_ids, attention_mask, **request)
-        torch.testing.assert_close(captured.logits, plain.logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(captured.logits, plain.logits)  # bitwise: Max-S and Max-Prob see the same logits
     raw = adapter.model(input_ids).logits  # no padding: the model's own rows, for the alignment check
     aligned = adapter.forward(input_ids).logits
     torch.testing.assert_close(adapter.token_logits(raw), aligned)
@@ -207,12 +207,19 @@ def test_family_defaults_fill_only_missing_fields_and_tokenizer_adds_end_of_turn
         load_adapter(generic)
 
 
-def test_one_forward_and_sdpa_on_every_other_layer(adapters, monkeypatch):
+def test_one_forward_sdpa_on_every_layer_and_one_statistics_pass(adapters, monkeypatch):
     from transformers import AttentionInterface
 
+    import agdo_kernels
+
     adapter = adapters["qwen2_gqa_shifted"]
-    calls = {"sdpa": 0, "forward": 0}
+    calls = {"sdpa": 0, "forward": 0, "valid_attention": 0}
     sdpa = AttentionInterface._global_mapping["sdpa"]
+    valid_attention = agdo_kernels.valid_attention
+
+    def counting_valid_attention(*args, **kwargs):
+        calls["valid_attention"] += 1
+        return valid_attention(*args, **kwargs)
 
     def counting_sdpa(*args, **kwargs):
         calls["sdpa"] += 1
@@ -226,11 +233,12 @@ def test_one_forward_and_sdpa_on_every_other_layer(adapters, monkeypatch):
 
     monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", counting_sdpa)
     monkeypatch.setattr(adapter.model, "forward", counting_forward)
+    monkeypatch.setattr(agdo_kernels, "valid_attention", counting_valid_attention)
     input_ids, attention_mask, unmasked, _ = batch()
     with torch.no_grad():
         adapter.forward(input_ids, attention_mask, unmasked=unmasked)
-    # Only S asked without grad: valid_attention's output replaces the last layer's SDPA.
-    assert calls == {"sdpa": adapter.model.config.num_hidden_layers - 1, "forward": 1}
+    # The model's own SDPA gives every layer's output (the hooked one too); S comes from one S-only pass.
+    assert calls == {"sdpa": adapter.model.config.num_hidden_layers, "forward": 1, "valid_attention": 1}
     assert adapter.model.config._attn_implementation == "sdpa"
 
 

@@ -1,9 +1,11 @@
-"""Per-family knowledge: defaults the config may lack, attention shape, inputs, the last layer and its hook.
+"""Per-family knowledge: defaults the config may lack, attention shape, inputs, the layers and their hook.
 
-A family answers five questions for the adapter:
+A family answers these questions for the adapter:
 
 - ``attention_shape(config)`` → ``(H, Hkv, d)`` from the config's own field names;
-- ``last_attention(model)`` → the module whose attention call is hooked (clear error when absent);
+- ``num_layers(model)`` → how many attention layers the model has;
+- ``layer_attention(model, index)`` → the module of layer ``index`` (Python-style, ``-1`` = last) whose
+  attention call is hooked (clear error when absent); ``last_attention(model)`` = ``layer_attention(model, -1)``;
 - ``model_inputs(input_ids, attention_mask)`` → the keyword arguments of one model forward;
 - ``hook(target, capture)`` → a context manager routing the target's attention call through the capture;
 - ``DEFAULTS`` → ids and shift to fall back on when neither config nor tokenizer has them.
@@ -18,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._capture import LastLayerCapture
+from ._capture import LayerCapture
 
 # Used ONLY where the config / generation config / tokenizer lack the field. These are the values the
 # public checkpoints contain (Dream-v0-*-7B, LLaDA-8B-*), so a stripped config still works.
@@ -99,20 +101,33 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
-def last_self_attention(model: nn.Module) -> nn.Module:
-    layer = decoder_layers(model)[-1]
+def layer_self_attention(model: nn.Module, index: int) -> nn.Module:
+    """``self_attn`` of decoder layer ``index`` (Python-style index)."""
+    layers = decoder_layers(model)
+    layer = layers[index]
     attention = getattr(layer, "self_attn", None)
     if not isinstance(attention, nn.Module):
-        raise ValueError(f"the last decoder layer {type(layer).__name__} has no `self_attn` attention module")
+        raise ValueError(
+            f"decoder layer {index % len(layers)} ({type(layer).__name__}) has no `self_attn` attention module"
+        )
     return attention
+
+
+def last_self_attention(model: nn.Module) -> nn.Module:
+    return layer_self_attention(model, -1)
+
+
+def _count_decoder_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
 
 
 class GenericFamily:
     """transformers decoder models (Llama, Qwen2, ...) made bidirectional, hooked through the attention registry.
 
     During a capture the target's config switches ``_attn_implementation`` to ``"agdo_<original>"``, a
-    registered attention function that delegates every layer but the last to the original function
-    (``sdpa`` or the model's ``eager``); the last layer goes through the capture. Restored afterwards.
+    registered attention function that delegates every layer to the original function (``sdpa`` or the
+    model's ``eager``); the chosen layer's call also goes through the capture (statistics beside the same
+    call). Restored afterwards.
     """
 
     name = "generic"
@@ -125,11 +140,17 @@ class GenericFamily:
         d = getattr(config, "head_dim", None) or config.hidden_size // H
         return H, Hkv, d
 
+    num_layers = staticmethod(_count_decoder_layers)
+
     @staticmethod
-    def last_attention(model):
-        target = last_self_attention(model)
+    def layer_attention(model, index: int):
+        target = layer_self_attention(model, index)
         _require_bidirectional(model)
         return target
+
+    @classmethod
+    def last_attention(cls, model):
+        return cls.layer_attention(model, -1)
 
     @staticmethod
     def model_inputs(model, input_ids, attention_mask):
@@ -138,7 +159,7 @@ class GenericFamily:
 
     @classmethod
     @contextmanager
-    def hook(cls, target, capture: LastLayerCapture):
+    def hook(cls, target, capture: LayerCapture):
         config = target.config
         original = config._attn_implementation
         if original not in cls.SUPPORTED_ATTENTION:
@@ -194,7 +215,6 @@ def _register_attention_function(original: str) -> str:
             dropout_p=kwargs.get("dropout", 0.0),
             scale=kwargs.get("scaling"),
             delegate=lambda: delegate(module, query, key, value, attention_mask, **kwargs)[0],
-            to_output=lambda o: o.transpose(1, 2).contiguous(),  # transformers wants (B, N, H, d)
         )
         return out, None
 
@@ -203,10 +223,10 @@ def _register_attention_function(original: str) -> str:
 
 
 class DreamFamily:
-    """Dream (remote code): the last ``model.model.layers[i].self_attn`` calls ``F.scaled_dot_product_attention``.
+    """Dream (remote code): every ``model.model.layers[i].self_attn`` calls ``F.scaled_dot_product_attention``.
 
-    During a capture the target's ``forward`` is wrapped so that, only while it runs, that function is the
-    capture (delegating to the real SDPA). Dream repeats k/v to H heads before SDPA, so the kernels see
+    During a capture the chosen layer's ``self_attn.forward`` is wrapped so that, only while it runs, that
+    function is the capture (delegating to the real SDPA). Dream repeats k/v to H heads before SDPA, so the kernels see
     ``Hkv = H`` (same statistics). Inputs follow Dream's own ``generate``: a 4D mask and positions
     counted over real tokens.
     """
@@ -215,15 +235,15 @@ class DreamFamily:
 
     attention_shape = GenericFamily.attention_shape
 
-    @staticmethod
-    def last_attention(model):
-        return last_self_attention(model)
+    num_layers = staticmethod(_count_decoder_layers)
+    layer_attention = staticmethod(layer_self_attention)
+    last_attention = staticmethod(last_self_attention)
 
     model_inputs = staticmethod(key_padding_inputs)
 
     @staticmethod
     @contextmanager
-    def hook(target, capture: LastLayerCapture):
+    def hook(target, capture: LayerCapture):
         functional = torch.nn.functional
         sdpa = functional.scaled_dot_product_attention
         forward = target.forward
@@ -234,7 +254,6 @@ class DreamFamily:
                 attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale,
                 delegate=lambda: sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                       is_causal=is_causal, scale=scale, **kwargs),
-                to_output=lambda o: o,
             )
 
         def forward_with_capture(*args, **kwargs):
@@ -246,7 +265,7 @@ class DreamFamily:
 
 
 class LLaDAFamily:
-    """LLaDA (remote code): the last block's ``_scaled_dot_product_attention(q, k, v, attn_mask, ...)`` method.
+    """LLaDA (remote code): the chosen block's ``_scaled_dot_product_attention(q, k, v, attn_mask, ...)`` method.
 
     The blocks live in ``model.model.transformer.blocks`` (or ``block_groups``); RoPE is applied in
     ``block.attention`` before that call and GQA is expanded inside it, so the capture sees post-RoPE
@@ -265,7 +284,7 @@ class LLaDAFamily:
         return H, Hkv, config.d_model // H
 
     @staticmethod
-    def last_attention(model):
+    def blocks(model) -> list:
         core = getattr(model, "model", model)
         transformer = getattr(core, "transformer", None)
         blocks = None
@@ -278,12 +297,26 @@ class LLaDAFamily:
                 f"cannot find the LLaDA blocks of {type(model).__name__}: expected `model.transformer.blocks` "
                 "or `model.transformer.block_groups`"
             )
-        if not callable(getattr(blocks[-1], "_scaled_dot_product_attention", None)):
+        return blocks
+
+    @classmethod
+    def num_layers(cls, model) -> int:
+        return len(cls.blocks(model))
+
+    @classmethod
+    def layer_attention(cls, model, index: int):
+        blocks = cls.blocks(model)
+        block = blocks[index]
+        if not callable(getattr(block, "_scaled_dot_product_attention", None)):
             raise ValueError(
-                f"the last LLaDA block {type(blocks[-1]).__name__} has no `_scaled_dot_product_attention` method "
-                "to hook; this modeling_llada.py version is not supported"
+                f"LLaDA block {index % len(blocks)} ({type(block).__name__}) has no `_scaled_dot_product_attention` "
+                "method to hook; this modeling_llada.py version is not supported"
             )
-        return blocks[-1]
+        return block
+
+    @classmethod
+    def last_attention(cls, model):
+        return cls.layer_attention(model, -1)
 
     @staticmethod
     def model_inputs(model, input_ids, attention_mask):
@@ -291,7 +324,7 @@ class LLaDAFamily:
 
     @staticmethod
     @contextmanager
-    def hook(target, capture: LastLayerCapture):
+    def hook(target, capture: LayerCapture):
         attention = target._scaled_dot_product_attention
 
         def attention_with_capture(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
@@ -299,7 +332,6 @@ class LLaDAFamily:
                 q, k, v,
                 attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p, scale=None,
                 delegate=lambda: attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal),
-                to_output=lambda o: o,
             )
 
         with patched_attribute(target, "_scaled_dot_product_attention", attention_with_capture):

@@ -1,4 +1,4 @@
-"""``DiffusionLMAdapter``: one forward → token-aligned logits and, on request, last-layer AGDO statistics."""
+"""``DiffusionLMAdapter``: one forward → token-aligned logits and, on request, AGDO statistics of one layer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import _families
-from ._capture import LastLayerCapture, StatisticsRequest
+from ._capture import LayerCapture, StatisticsRequest, resolve_heads, resolve_layer
 
 INFLUENCE_NORMS = ("sum", "mean", "max")
 
@@ -30,11 +30,12 @@ class AdapterOutput(NamedTuple):
 
 
 class DiffusionLMAdapter:
-    """A masked diffusion LM with its ids, its shift, and a forward that can capture last-layer statistics.
+    """A masked diffusion LM with its ids, its shift, and a forward that can capture one layer's statistics.
 
     Attributes: ``model``, ``tokenizer`` (or None), ``family``, ``mask_token_id``, ``pad_token_id``,
     ``eos_token_ids`` (tuple), ``shift`` (True: position ``i-1`` predicts token ``i``), ``num_heads``,
-    ``num_kv_heads``, ``head_dim`` (last layer), ``device``, ``vocab_size``, ``stop_token_ids`` (EOS + pad),
+    ``num_kv_heads``, ``head_dim`` (every layer), ``num_layers``, ``device``, ``vocab_size``,
+    ``stop_token_ids`` (EOS + pad),
     and ``kernel_backend`` (the ``agdo_kernels`` backend for the statistics, default ``"auto"``).
     ``token_logits(raw)`` aligns the logits of a direct ``model(...)`` call; prefer ``forward``, which also
     builds the bidirectional padding mask and the position ids.
@@ -62,6 +63,8 @@ class DiffusionLMAdapter:
         self.shift = bool(shift)
         self.kernel_backend = kernel_backend
         self._target = self._family.last_attention(model)  # fails early, with the reason, if not hookable
+        self._targets = {}  # resolved layer index -> hooked module (the last one checked above)
+        self.num_layers = int(self._family.num_layers(model))
         self.num_heads, self.num_kv_heads, self.head_dim = self._family.attention_shape(model.config)
         self.vocab_size = int(model.config.vocab_size)
 
@@ -81,9 +84,11 @@ class DiffusionLMAdapter:
         response_start: Optional[int] = None,
         influence_query_mask: Optional[torch.Tensor] = None,
         influence_norm: str = "sum",
+        attention_layer="last",
+        attention_heads="all",
         model: Optional[nn.Module] = None,
     ) -> AdapterOutput:
-        """One model forward over ``input_ids (B, N)``; last-layer statistics for what is asked.
+        """One model forward over ``input_ids (B, N)``; statistics of one layer for what is asked.
 
         Args:
             attention_mask: ``(B, N)`` bool/0-1, False at padding.
@@ -91,11 +96,17 @@ class DiffusionLMAdapter:
             response_start: ``P`` → ``s0, abar_rr`` (``agdo_kernels.response_attention`` with this model's shift).
             influence_query_mask: ``(B, N)`` bool, the tokens whose predictor rows are the valid query rows of
                 the influence ``I`` (per key); ``influence_norm`` in ``("sum", "mean", "max")``.
+            attention_layer: the layer whose attention gives the statistics: ``"last"`` (default, the paper),
+                ``"first"``, ``"middle"`` (``num_layers // 2``) or an int index (negative counts from the end).
+            attention_heads: the query heads averaged into ``Abar``: ``"all"`` (default), a list of indices, or
+                ``"local"`` / ``"global"`` (the ``H // 2`` heads with the smallest mean attention distance per
+                sequence / the others; see ``agdo.models._capture``).
 
             model: the module to run, default ``self.model``; pass the wrapper that accelerate prepared
                 (DDP/FSDP) so its gradient hooks run. It must wrap ``self.model``, whose layers are hooked.
 
-        Under grad the logits carry gradient as usual; statistics never do.
+        Under grad the logits carry gradient as usual; statistics never do. The logits are bitwise the same
+        whatever statistics are asked (the model's own attention always produces every layer's output).
         """
         input_ids = _check_ids(input_ids)
         B, N = input_ids.shape
@@ -107,6 +118,8 @@ class DiffusionLMAdapter:
             raise ValueError(f"`influence_norm` must be one of {INFLUENCE_NORMS}, got {influence_norm!r}")
         if response_start is not None and not isinstance(response_start, int):
             raise TypeError(f"`response_start` must be an int, got {type(response_start).__name__}")
+        layer = resolve_layer(attention_layer, self.num_layers)
+        heads = resolve_heads(attention_heads, self.num_heads)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: let the model take its fastest path
 
@@ -124,9 +137,11 @@ class DiffusionLMAdapter:
             shift=self.shift,
             num_heads=self.num_heads,
             backend=self.kernel_backend,
+            heads=heads,
+            layer=layer,
         )
-        capture = LastLayerCapture(request, where=f"{type(self.model).__name__} ({self.family} adapter)")
-        with self._family.hook(self._target, capture):
+        capture = LayerCapture(request, where=f"{type(self.model).__name__} ({self.family} adapter, layer {layer})")
+        with self._family.hook(self._layer_target(layer), capture):
             logits = runner(**inputs).logits
         statistics = capture.result()
         s = None
@@ -141,6 +156,14 @@ class DiffusionLMAdapter:
             abar_rr=statistics.abar_rr,
             influence=statistics.influence,
         )
+
+    def _layer_target(self, layer: int) -> nn.Module:
+        """The hooked module of layer ``0 <= layer < num_layers`` (the last one is ``self._target``)."""
+        if layer == self.num_layers - 1:
+            return self._target
+        if layer not in self._targets:
+            self._targets[layer] = self._family.layer_attention(self.model, layer)
+        return self._targets[layer]
 
     @property
     def stop_token_ids(self) -> tuple:

@@ -138,6 +138,10 @@ class RLConfig(TrainingArguments):
     # Rows.
     delta: float = 1.0
     influence_norm: str = "sum"
+    # agdo: the attention that gives the order and I (SPEC §4 ablations; agdo.orders): "last" | "first" |
+    # "middle" | int layer index; "all" | [query-head indices] | "local" | "global".
+    attention_layer: str | int = "last"
+    attention_heads: str | list[int] = "all"
     step_size: int = 1
     block_size: Optional[int] = None
     block_mode: str = "global"
@@ -159,6 +163,8 @@ class RLConfig(TrainingArguments):
         super().__post_init__()
         if self.method not in RL_METHODS:
             raise ValueError(f"`method` must be one of {list(RL_METHODS)}, got {self.method!r}")
+        orders.check_attention_layer(self.attention_layer)
+        orders.check_attention_heads(self.attention_heads)
         if self.reference not in REFERENCES:
             raise ValueError(f"`reference` must be one of {list(REFERENCES)}, got {self.reference!r}")
         for name in ("num_generations", "prompts_per_step", "max_completion_length", "num_iterations",
@@ -669,7 +675,8 @@ class RLTrainer(Trainer):
             order = orders.attention_order(
                 self.adapter, sequences[part], attention_mask[part], response_start=P, trained=trained[part],
                 step_size=config.step_size, block_size=config.block_size, block_mode=config.block_mode,
-                influence_norm=config.influence_norm)
+                influence_norm=config.influence_norm, attention_layer=config.attention_layer,
+                attention_heads=config.attention_heads)
             steps.append(order.steps)
             influence.append(order.influence[:, P:])
         return torch.cat(steps), torch.cat(influence)

@@ -1,10 +1,28 @@
 """Supervised fine-tuning of a diffusion LM: AGDO-SFT (Alg. 2, Eq. 9) and the baselines, on accelerate.
 
 Methods (``SFTConfig.method``):
-- ``agdo``: attention-guided order from the current model (one no-grad forward per batch, last layer,
+- ``agdo``: attention-guided order from the current model (one no-grad forward per batch, the chosen layer,
   through agdo_kernels), loss weights ``1 + gamma * I_k``.
 - ``left_to_right`` / ``blockwise``: the same step loss along the position order / one block per step.
 - ``random``: LLaDA's recipe, ``random_masks_per_sample`` independent masks per sample.
+
+Ablations of AGDO-SFT (arXiv paper Tables 5-7; SPEC §4), all configuration of ``method: agdo``:
+
+- which attention: ``attention_layer`` (``"last"`` default, ``"first"``, ``"middle"`` = ``num_layers // 2``,
+  or an int index, negative from the end) and ``attention_heads`` (``"all"`` default, a list of query-head
+  indices, or ``"local"`` / ``"global"``: per sequence the ``H // 2`` heads with the smallest mean attention
+  distance / the others, see :mod:`agdo.models`); both the order and ``I`` come from that choice;
+- order only: ``gamma: 0`` (weights exactly 1; the attention order is unchanged);
+- ``ablation: weight_only``: a random order (:func:`agdo.orders.random_order`, same ``step_size`` /
+  ``block_size``, per-sample stream ``(seed, epoch, index, 1)``) with the weights ``1 + gamma * I``;
+- ``ablation: random_weights``: the same random order, and weights ``1 + w`` with ``w`` drawn i.i.d. per
+  trained token from a log-normal whose mean and standard deviation are those of ``gamma * I`` over the
+  trained tokens of the batch (population std); per-sample stream ``(seed, epoch, index, 2)``. Log-normal,
+  not Gaussian, so that ``w`` keeps the sign of ``gamma * I`` (a Gaussian with std ≫ mean, as for hub-heavy
+  ``I``, would give negative loss weights) and its heavy right tail. A batch whose ``gamma * I`` has mean 0
+  gets ``w = 0``; std 0 gives ``w`` = the mean. Exactly:
+  ``sigma^2 = log(1 + std^2 / mean^2)``, ``mu = log|mean| - sigma^2 / 2``,
+  ``w = sign(mean) * exp(mu + sigma * z)``, ``z ~ N(0, 1)`` (``torch.randn`` on the stream, shape ``(1, R)``).
 
 One optimizer step, top to bottom: batch → (agdo: adapter forward with capture → greedy order + I) →
 masked rows → forward in chunks of ``forward_batch_size`` rows → weighted NLL → backward → clip → step.
@@ -17,16 +35,21 @@ same result whatever the number of processes, and a resumed run continues exactl
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .. import orders
+from ..orders import check_attention_heads, check_attention_layer
 from .loop import Trainer, TrainingArguments
 from .masking import MaskedRows, concat_rows, order_rows, random_rows, sample_generator, weighted_nll
 
 SFT_METHODS = ("agdo", "left_to_right", "blockwise", "random")
+SFT_ABLATIONS = ("none", "weight_only", "random_weights")
+# Extra keys of the per-sample random streams (sample_generator(seed, epoch, index, key)); the masks use none.
+ORDER_STREAM, WEIGHT_STREAM = 1, 2
 
 
 @dataclasses.dataclass
@@ -38,6 +61,12 @@ class SFTConfig(TrainingArguments):
     gamma: float = 100.0
     allow_negative_gamma: bool = False
     influence_norm: str = "sum"
+    # Which attention gives the order and I (paper Tables 5-6): "last" | "first" | "middle" | int index;
+    # "all" | [query-head indices] | "local" | "global" (module docstring).
+    attention_layer: str | int = "last"
+    attention_heads: str | list[int] = "all"
+    # Order-vs-weight ablations (paper Table 7): "none" | "weight_only" | "random_weights"; order only = gamma 0.
+    ablation: str = "none"
     step_size: int = 1
     block_size: Optional[int] = None
     block_mode: str = "global"
@@ -62,21 +91,56 @@ class SFTConfig(TrainingArguments):
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.max_steps_per_sample is not None and self.max_steps_per_sample < 1:
             raise ValueError(f"`max_steps_per_sample` must be >= 1 or null, got {self.max_steps_per_sample}")
+        check_attention_layer(self.attention_layer)
+        check_attention_heads(self.attention_heads)
+        if self.ablation not in SFT_ABLATIONS:
+            raise ValueError(f"`ablation` must be one of {list(SFT_ABLATIONS)}, got {self.ablation!r}")
+        if self.ablation != "none" and self.method != "agdo":
+            raise ValueError(f"`ablation` = {self.ablation!r} is an ablation of method 'agdo', not {self.method!r}")
         if self.gamma < 0 and not self.allow_negative_gamma:
             raise ValueError(f"`gamma` = {self.gamma} < 0 would down-weight the attention hubs; set "
                              f"allow_negative_gamma=true if that is what you want")
 
 
-def _batch_order(config: SFTConfig, adapter, batch: dict, trained):
+def lognormal_like(mean: float, std: float, z: torch.Tensor) -> torch.Tensor:
+    """``sign(mean) * exp(mu + sigma * z)``: for ``z ~ N(0, 1)`` a log-normal with this mean and std (0 when
+    ``mean`` is 0)."""
+    if mean == 0:
+        return torch.zeros_like(z, dtype=torch.float32)
+    sigma2 = math.log1p((std / abs(mean)) ** 2)
+    mu = math.log(abs(mean)) - sigma2 / 2
+    return (math.copysign(1.0, mean) * torch.exp(mu + math.sqrt(sigma2) * z.double())).float()
+
+
+def _batch_order(config: SFTConfig, adapter, batch: dict, trained, epoch: int):
     """``(steps, token_weights)`` of the whole batch for the order-based methods (weights None: all 1)."""
     input_ids, P = batch["input_ids"], batch["response_start"]
-    if config.method == "agdo":
+    attention = dict(attention_layer=config.attention_layer, attention_heads=config.attention_heads,
+                     influence_norm=config.influence_norm)
+    if config.method == "agdo" and config.ablation == "none":
         order = orders.attention_order(
             adapter, input_ids, batch["attention_mask"], response_start=P, trained=trained,
-            step_size=config.step_size, block_size=config.block_size, block_mode=config.block_mode,
-            influence_norm=config.influence_norm,
+            step_size=config.step_size, block_size=config.block_size, block_mode=config.block_mode, **attention,
         )
         return order.steps, 1 + config.gamma * order.influence[:, P:]
+    if config.method == "agdo":  # weight_only / random_weights: a random order, weights from I
+        device = input_ids.device
+        indices = batch["index"].tolist()
+        steps = torch.cat([
+            orders.random_order(trained[b : b + 1], step_size=config.step_size, block_size=config.block_size,
+                                generator=sample_generator(config.seed, epoch, index, ORDER_STREAM, device=device))
+            for b, index in enumerate(indices)])
+        weighted = config.gamma * orders.attention_influence(adapter, input_ids, batch["attention_mask"],
+                                                             **attention)[:, P:]
+        if config.ablation == "weight_only":
+            return steps, 1 + weighted
+        values = weighted[trained].double()
+        mean = float(values.mean()) if values.numel() else 0.0
+        std = float(values.std(unbiased=False)) if values.numel() else 0.0
+        z = torch.cat([torch.randn(1, trained.shape[1], dtype=torch.float32, device=device,
+                                   generator=sample_generator(config.seed, epoch, index, WEIGHT_STREAM, device=device))
+                       for index in indices])
+        return steps, 1 + lognormal_like(mean, std, z)
     if config.method == "left_to_right":
         return orders.left_to_right_order(trained, step_size=config.step_size, block_size=config.block_size), None
     return orders.blockwise_order(trained, block_size=config.block_size), None
@@ -87,7 +151,7 @@ def build_rows(config: SFTConfig, adapter, batch: dict, epoch: int) -> MaskedRow
     input_ids, attention_mask, P = batch["input_ids"], batch["attention_mask"], batch["response_start"]
     trained = orders.trained_positions(input_ids[:, P:], adapter.stop_token_ids, config.post_num)
     if config.method != "random":
-        steps, token_weights = _batch_order(config, adapter, batch, trained)
+        steps, token_weights = _batch_order(config, adapter, batch, trained, epoch)
     per_sample = []
     for b, index in enumerate(batch["index"].tolist()):
         gen = sample_generator(config.seed, epoch, index, device=input_ids.device)
@@ -128,7 +192,8 @@ class SFTTrainer(Trainer):
 
     def describe(self) -> str:
         c = self.config
-        return (f"method={c.method} gamma={c.gamma} influence_norm={c.influence_norm} step_size={c.step_size} "
+        return (f"method={c.method} gamma={c.gamma} influence_norm={c.influence_norm} ablation={c.ablation} "
+                f"attention_layer={c.attention_layer} attention_heads={c.attention_heads} step_size={c.step_size} "
                 f"block_size={c.block_size} post_num={c.post_num}; {c.per_device_train_batch_size} samples x "
                 f"{c.gradient_accumulation_steps} accumulation per process")
 
