@@ -33,6 +33,10 @@ def test_table_configs_load(path):
     assert config.table == path.stem and config.models
 
 
+def test_every_table_has_a_config():
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(TABLES)
+
+
 def test_table_config_rejects():
     with pytest.raises(ValueError, match="unknown `table`"):
         TableConfig(table="table99")
