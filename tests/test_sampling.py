@@ -8,6 +8,7 @@ does not see padding.
 """
 
 import dataclasses
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -117,6 +118,124 @@ def test_max_s_candidates_then_highest_s(threshold, steps, expected_trace):
     assert result.trace.tolist() == [expected_trace]
 
 
+def probs_of(pairs, rest_tokens=(0, 1, 2, 3, 4, 5, 6)):
+    """Probabilities over V: the given ``{token: p}``, the rest shared equally by the other real tokens."""
+    probs = torch.zeros(V, dtype=torch.float64)
+    for token, p in pairs.items():
+        probs[token] = p
+    rest = [t for t in rest_tokens if t not in pairs]
+    probs[rest] = (1.0 - sum(pairs.values())) / len(rest)
+    return probs
+
+
+# Four positions whose order flips between the conventions at temperature 0 with top_k = 2 (Dream then
+# renormalises the two best: q = p1 / (p1 + p2)).
+#   pos  p1   p2   raw: p    margin  entropy   top-2: q     margin  entropy (binary)
+#   0    .50  .44       .50  .06     .973             .5319  .0638   .6911
+#   1    .55  .15       .55  .40     1.457            .7857  .5714   .5196
+#   2    .30  .25       .30  .05     1.791            .5455  .0909   .6890
+#   3    .60  .39       .60  .21     .736             .6061  .2121   .6705
+FLIP = table(probs_of({2: 0.50, 3: 0.44}), probs_of({3: 0.55, 4: 0.15}), probs_of({4: 0.30, 5: 0.25}),
+             probs_of({5: 0.60, 6: 0.39}))
+
+
+@pytest.mark.parametrize(
+    "alg, raw_trace, sampling_trace",
+    [
+        ("max_prob", [2, 1, 3, 0], [3, 0, 2, 1]),  # raw: 3, 1, 0, 2; top-2: 1, 3, 2, 0
+        ("margin", [2, 0, 3, 1], [3, 0, 2, 1]),  # raw: 1, 3, 0, 2; top-2: 1, 3, 2, 0
+        ("entropy", [1, 2, 3, 0], [3, 0, 2, 1]),  # raw: 3, 0, 1, 2; top-2: 1, 3, 2, 0
+    ],
+)
+def test_confidence_conventions_by_hand(alg, raw_trace, sampling_trace):
+    base = SamplerConfig(gen_length=4, steps=4, top_k=2, alg=alg)
+    raw, _ = run(FLIP, dataclasses.replace(base, confidence_from="raw"))
+    dream, _ = run(FLIP, dataclasses.replace(base, confidence_from="sampling"))
+    assert raw.trace.tolist() == [raw_trace]
+    assert dream.trace.tolist() == [sampling_trace]
+    # Without filters at temperature 0 the two conventions agree (Dream's softmax of the raw logits).
+    plain = SamplerConfig(gen_length=4, steps=4, alg=alg)
+    a, _ = run(FLIP, dataclasses.replace(plain, confidence_from="raw"))
+    b, _ = run(FLIP, dataclasses.replace(plain, confidence_from="sampling"))
+    assert a.trace.tolist() == b.trace.tolist() == [raw_trace]
+
+
+def test_confidence_convention_defaults_to_the_adapter_family():
+    config = SamplerConfig(gen_length=4, steps=4, top_k=2)  # confidence_from=None: the family default
+
+    def trace_with(**attributes):
+        adapter = FakeAdapter(4, fixed(FLIP))
+        for name, value in attributes.items():
+            setattr(adapter, name, value)
+        return generate(adapter, torch.tensor([[2, 3]]), None, config).trace.tolist()
+
+    raw, dream = [[2, 1, 3, 0]], [[3, 0, 2, 1]]
+    assert trace_with() == raw  # no attribute: LLaDA's convention
+    assert trace_with(family="llada") == raw
+    assert trace_with(family="dream") == dream
+    assert trace_with(confidence_from="sampling") == dream
+    assert trace_with(family="dream", confidence_from="raw") == raw  # the explicit attribute wins
+    adapter = FakeAdapter(4, fixed(FLIP))
+    adapter.family = "dream"
+    forced = generate(adapter, torch.tensor([[2, 3]]), None, dataclasses.replace(config, confidence_from="raw"))
+    assert forced.trace.tolist() == raw  # the config wins over the adapter
+
+
+def naive_sampling_distribution(probs, temperature, top_p=None, top_k=None):
+    """Dream's sample_tokens distribution with plain Python: temperature, top-p, top-k, softmax."""
+    logits = [math.log(max(p, 1e-12)) for p in probs.tolist()]
+    if temperature > 0:
+        logits = [l / temperature for l in logits]
+    if top_p is not None and top_p < 1:
+        order = sorted(range(len(logits)), key=lambda v: -logits[v])
+        total = sum(math.exp(logits[v]) for v in order)
+        cumulative, keep = 0.0, set()
+        for v in order:
+            if cumulative <= top_p:  # Dream drops a token once the mass before it exceeds top_p
+                keep.add(v)
+            cumulative += math.exp(logits[v]) / total
+        logits = [l if v in keep else -math.inf for v, l in enumerate(logits)]
+    if top_k is not None:
+        kth = sorted(logits, reverse=True)[top_k - 1]
+        logits = [l if l >= kth else -math.inf for l in logits]
+    total = sum(math.exp(l) for l in logits)
+    return [math.exp(l) / total for l in logits]
+
+
+@pytest.mark.parametrize("convention", ["raw", "sampling"])
+def test_confidence_is_the_convention_probability_of_the_drawn_token(convention):
+    # A fixed table from the random model; every step draws afresh at the masked positions.
+    probs = random_model(torch.full((1, 6), MASK), torch.tensor([[2, 3]]), torch.ones(1, 2, dtype=torch.bool))[0][0]
+    temperature, top_p, top_k = 0.7, 0.8, 4
+    config = SamplerConfig(gen_length=6, steps=6, temperature=temperature, top_p=top_p, top_k=top_k,
+                           confidence_from=convention, return_confidences=True, return_predictions=True)
+    checked = 0
+    for seed in range(4):
+        result, _ = run(probs, config, generator=[torch.Generator().manual_seed(seed)])
+        for t, i in result.confidences[:, 0].isnan().logical_not().nonzero().tolist():
+            token = int(result.predictions[t, 0, i])
+            if convention == "sampling":
+                q = naive_sampling_distribution(probs[i], temperature, top_p, top_k)
+                assert q[token] > 0  # drawn from the filtered distribution
+                expected = q[token]
+            else:
+                expected = float(probs[i, token] / probs[i].sum())
+            assert abs(float(result.confidences[t, 0, i]) - expected) < 1e-5
+            checked += 1
+    assert checked == 4 * (6 + 5 + 4 + 3 + 2 + 1)
+
+
+def test_filter_order_follows_the_convention():
+    # p = .4, .3, .2, .1 with top_k = 2, top_p = .5. HF order: top-2 → .571, .429, then top-p drops the
+    # second (mass before .571 >= .5). Dream: top-p first keeps 0 and 1 (mass before 1 is .4 <= .5), then
+    # top-2 keeps both.
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
+    assert filter_logits(logits, top_k=2, top_p=0.5).isinf().tolist() == [[False, True, True, True]]
+    assert filter_logits(logits, top_k=2, top_p=0.5, dream_order=True).isinf().tolist() == [[False, False, True, True]]
+    q = naive_sampling_distribution(logits[0].exp().double(), 1.0, 0.5, 2)
+    assert [v > 0 for v in q] == [True, True, False, False]
+
+
 def test_max_s_asks_for_s_with_the_unmasked_tokens_and_others_do_not():
     prompts, mask = torch.tensor([[PAD, 2, 3]]), torch.tensor([[False, True, True]])
     _, adapter = run(TABLE, SamplerConfig(gen_length=4, steps=4, alg="max_s"), s=S, prompts=prompts, mask=mask)
@@ -134,6 +253,62 @@ def test_random_strategy_follows_the_row_generator():
         position = int(torch.rand(4, generator=replay).masked_fill(~masked, -1).argmax())
         expected[position], masked[position] = step, False
     assert result.trace.tolist() == [expected]
+
+
+@pytest.mark.parametrize(
+    "block_length, steps, still_masked",
+    [
+        # One block, linspace(1, .001, 5): a position is still masked after step i with probability
+        # prod (s/t) = timesteps[i + 1] = .75025, .5005, .25075, then 0 (the last step takes all).
+        (4, 4, [0.75025, 0.5005, 0.25075, 0.0]),
+        # Two blocks of 2 steps, linspace(1, .001, 3) = 1, .5005, .001 per block: block 0 after its two
+        # steps .5005, 0; block 1 is untouched until then, then the same.
+        (2, 4, [0.5005, 0.0]),
+    ],
+)
+def test_origin_commits_each_position_with_probability_one_minus_s_over_t(block_length, steps, still_masked):
+    rows = 4000
+    config = SamplerConfig(gen_length=4, steps=steps, block_length=block_length, alg="origin",
+                           return_predictions=True)
+    prompts = torch.tensor([[2, 3]]).expand(rows, -1)
+    result, _ = run(TABLE, config, prompts=prompts, generator=torch.Generator().manual_seed(0))
+    block0 = result.masked[:, :, :block_length].float()  # (T, B, L) masked going into each step
+    after = torch.cat([block0[1:], torch.zeros_like(block0[:1])])  # masked after each step
+    for step, expected in enumerate(still_masked):
+        assert abs(float(after[step].mean()) - expected) < 0.02
+    assert (result.response != MASK).all()
+    # Each position is an independent coin, not a fixed count: the number committed at step 0 is
+    # Binomial(L, 1 - t1/t0), so a row commits nothing at step 0 with probability t1^L.
+    committed0 = block_length - after[0].sum(-1)
+    nothing = float((committed0 == 0).float().mean())
+    assert abs(nothing - still_masked[0] ** block_length) < 0.03
+    assert len(set(committed0.tolist())) == block_length + 1
+
+
+def test_alg_temp_draws_positions_from_a_softmax_of_the_scores():
+    # Three positions, p = .9, .6, .3 (temperature 0, max_prob), k = 1 per step, alg_temp = .5:
+    # weights w = exp(p / .5) = e^1.8, e^1.2, e^.6. Dream draws with torch.multinomial (no replacement), so
+    # P(order i, j, then the last) = w_i / W * w_j / (W - w_i).
+    rows = 20000
+    probs = table(dist(2, 0.9), dist(3, 0.6), dist(4, 0.3))
+    config = SamplerConfig(gen_length=3, steps=3, alg="max_prob", alg_temp=0.5)
+    prompts = torch.tensor([[2, 3]]).expand(rows, -1)
+    result, _ = run(probs, config, prompts=prompts, generator=torch.Generator().manual_seed(0))
+    w = [math.exp(p / 0.5) for p in (0.9, 0.6, 0.3)]
+    total = sum(w)
+    orders = [tuple(sorted(range(3), key=lambda i: row[i])) for row in result.trace.tolist()]
+    for first in range(3):
+        for second in range(3):
+            if first == second:
+                continue
+            third = 3 - first - second
+            expected = w[first] / total * w[second] / (total - w[first])
+            observed = orders.count((first, second, third)) / rows
+            assert abs(observed - expected) < 0.012, (first, second, observed, expected)
+    # alg_temp = 0 (or None, Dream's default) is the deterministic top-k.
+    for off in (0.0, None):
+        plain, _ = run(probs, dataclasses.replace(config, alg_temp=off))
+        assert plain.trace.tolist() == [[0, 1, 2]]
 
 
 def test_semi_ar_blocks_go_left_to_right():
@@ -206,16 +381,60 @@ def test_rcr_running_confidence_is_a_maximum():
     assert result.response.tolist() == [[5, 3, 4]]
 
 
-def test_eos_pads_what_follows_and_stops_early():
-    # Step 0: pos 3 (.95); step 1: EOS at pos 1 (.9) → 2 (masked) and 3 (committed) become padding at
-    # step 1; step 2: pos 0. Three of four steps.
+def test_end_tokens_are_decoded_like_any_token_by_default():
+    # The old default (stop_at_eos=True, "pad everything after the first committed EOS") overwrote
+    # positions 2 and 3 here — position 3 had already been committed (step 0) — so the model then
+    # conditioned on padding it never wrote. LLaDA's and Dream's samplers decode every position: so do we.
     probs = table(dist(2, 0.6), dist(EOS, 0.9), dist(3, 0.8), dist(4, 0.95))
     result, adapter = run(probs, SamplerConfig(gen_length=4, steps=4))
-    assert result.response.tolist() == [[2, EOS, PAD, PAD]]
-    assert result.trace.tolist() == [[2, 1, 1, 1]]
-    assert result.num_steps == adapter.calls == 3
-    kept, _ = run(probs, SamplerConfig(gen_length=4, steps=4, stop_at_eos=False))
-    assert kept.response.tolist() == [[2, EOS, 3, 4]] and kept.num_steps == 4
+    assert result.response.tolist() == [[2, EOS, 3, 4]]
+    assert result.trace.tolist() == [[3, 1, 2, 0]]
+    assert result.num_steps == adapter.calls == 4
+    assert not result.settled.any()
+    # Early stop on: an EOS inside a single block (pure diffusion) stops nothing either.
+    stopped, _ = run(probs, SamplerConfig(gen_length=4, steps=4, stop_at_eos=True))
+    assert stopped.response.tolist() == [[2, EOS, 3, 4]] and not stopped.settled.any()
+
+
+# Three blocks of two. Block 0 holds an EOS but also content: the row goes on. Block 1 is EOS + PAD:
+# with the early stop, block 2 (which the model would fill with 3, 4) becomes padding.
+#   block 0: pos 1 EOS (.9) at step 0, pos 0 (.6) at step 1
+#   block 1: pos 2 EOS (.9) at step 2, pos 3 PAD (.8) at step 3 → block complete, all end tokens
+#   block 2: settled at step 3 (stop) — or pos 4/5 (.95/.7) at steps 4/5 (no stop)
+STOP_TABLE = table(dist(2, 0.6), dist(EOS, 0.9), dist(EOS, 0.9), dist(PAD, 0.8), dist(3, 0.95), dist(4, 0.7))
+S6 = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+
+
+def test_stop_at_eos_follows_traceRL_a_finished_all_end_block_ends_the_row():
+    config = SamplerConfig(gen_length=6, steps=6, block_length=2, stop_at_eos=True, return_s=True,
+                           return_token_probs=True)
+    result, adapter = run(STOP_TABLE, config, s=S6)
+    assert result.response.tolist() == [[2, EOS, EOS, PAD, PAD, PAD]]
+    assert result.trace.tolist() == [[1, 0, 2, 3, 3, 3]]
+    assert result.settled.tolist() == [[False] * 4 + [True] * 2]
+    assert result.num_steps == adapter.calls == 4
+    # Settled positions never enter the statistics records; decoded ones do.
+    assert result.s[3, 0, 4:].isnan().all() and torch.allclose(result.s[3, 0, :4], S6[:4])
+    assert result.token_probs[3, 0, 4:].isnan().all()
+    assert torch.allclose(result.token_probs[3, 0, :4], torch.tensor([0.6, 0.9, 0.9, 0.8]))
+    # Without the early stop the model writes block 2 itself.
+    plain, _ = run(STOP_TABLE, dataclasses.replace(config, stop_at_eos=False), s=S6)
+    assert plain.response.tolist() == [[2, EOS, EOS, PAD, 3, 4]] and plain.num_steps == 6
+    assert not plain.settled.any()
+
+
+def test_stop_at_eos_is_per_row():
+    # Row with prompt [2, 3] gets STOP_TABLE; the other row's block 1 is content: only row 0 stops.
+    other = table(dist(2, 0.6), dist(EOS, 0.9), dist(5, 0.9), dist(PAD, 0.8), dist(3, 0.95), dist(4, 0.7))
+
+    def script(resp, prompt, mask):
+        return torch.stack([STOP_TABLE if row[-1] == 3 else other for row in prompt]), None
+
+    config = SamplerConfig(gen_length=6, steps=6, block_length=2, stop_at_eos=True)
+    result, _ = run(script, config, prompts=torch.tensor([[2, 3], [2, 4]]))
+    assert result.response.tolist() == [[2, EOS, EOS, PAD, PAD, PAD], [2, EOS, 5, PAD, 3, 4]]
+    assert result.settled.tolist() == [[False] * 4 + [True] * 2, [False] * 6]
+    assert result.trace.tolist() == [[1, 0, 2, 3, 3, 3], [1, 0, 2, 3, 4, 5]]
 
 
 def test_early_stop_when_every_row_is_done():
@@ -266,7 +485,13 @@ CONFIGS = {
     "max_s": SamplerConfig(gen_length=8, steps=8, temperature=1.0, top_k=4, alg="max_s", candidate_threshold=0.3),
     "rcr": SamplerConfig(gen_length=8, steps=6, block_length=4, temperature=1.0, alg="rcr", schedule="cosine"),
     "dynamic": SamplerConfig(gen_length=8, block_length=4, temperature=1.0, top_p=0.9, alg="margin", threshold=0.5),
+    "origin": SamplerConfig(gen_length=8, steps=8, block_length=4, temperature=1.0, alg="origin"),
+    "dream": SamplerConfig(gen_length=8, steps=8, temperature=0.8, top_p=0.9, top_k=5, alg="entropy", alg_temp=0.3,
+                           schedule="dream", confidence_from="sampling"),
+    "stop_at_eos": SamplerConfig(gen_length=8, steps=8, block_length=2, temperature=1.5, stop_at_eos=True),
 }
+# Dream's origin rule and Dream's schedule may commit nothing at a step (as in Dream).
+MAY_SKIP = {"origin", "dream"}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -298,7 +523,10 @@ def test_trace_covers_every_position_once_and_every_step_commits(name):
     # Every step of an unfinished row leaves fewer masked positions (at least one commit per step).
     masked_counts = torch.cat([result.masked.sum(-1), torch.zeros(1, len(prompts), dtype=torch.long)])
     live = masked_counts[:-1] > 0
-    assert (masked_counts[1:][live] < masked_counts[:-1][live]).all()
+    if name in MAY_SKIP:
+        assert (masked_counts[1:][live] <= masked_counts[:-1][live]).all()
+    else:
+        assert (masked_counts[1:][live] < masked_counts[:-1][live]).all()
 
 
 def test_rcr_keeps_the_schedule_count_committed():
@@ -354,8 +582,49 @@ def test_schedules_sum_to_the_block_and_commit_every_step():
         for length, steps in [(32, 8), (7, 7), (5, 8), (64, 3), (1, 1)]:
             k = tokens_per_step(schedule, length, steps)
             assert int(k.sum()) == length
+            if schedule == "dream":  # Dream's counts as they are: a step may commit 0 (next test)
+                continue
             done = k.cumsum(0) >= length
             assert (k[~done] >= 1).all() and (k[1:][done[:-1]] == 0).all()
+
+
+def test_dream_schedule_counts_by_hand():
+    # timesteps = linspace(1, .001, 5) = 1, .75025, .5005, .25075, .001; k_i = int(n_i (1 - s/t)), last: all.
+    # L = 8: 8 * .24975 = 1.998 → 1; 7 * (1 - .5005/.75025 = .33289) = 2.33 → 2; 5 * (1 - .25075/.5005
+    # = .49900) = 2.495 → 2; the last 3.
+    assert tokens_per_step("dream", 8, 4).tolist() == [1, 2, 2, 3]
+    # L = 4: 4 * .24975 = .999 → 0 (Dream wastes its first step), 4 * .33289 → 1, 3 * .499 → 1, last 2.
+    assert tokens_per_step("dream", 4, 4).tolist() == [0, 1, 1, 2]
+    # L = 10, T = 3: linspace(1, .001, 4) = 1, .667, .3340, .001: 10 * .333 → 3, 7 * (1 - .3340/.667 =
+    # .49925) = 3.49 → 3, last 4.
+    assert tokens_per_step("dream", 10, 3).tolist() == [3, 3, 4]
+    # eps is Dream's: with eps = .5, linspace(1, .5, 3) = 1, .75, .5: 8 * .25 = 2, then the 6 left.
+    assert tokens_per_step("dream", 8, 2, eps=0.5).tolist() == [2, 6]
+
+
+def naive_dream_counts(length, steps, eps=1e-3):
+    """Dream's loop literally, in float64 (independent of the float32 implementation; same here)."""
+    masked, counts = length, []
+    for i in range(steps):
+        t, s = 1 - i * (1 - eps) / steps, 1 - (i + 1) * (1 - eps) / steps
+        k = int(masked * (1 - s / t)) if i < steps - 1 else masked
+        counts.append(k)
+        masked -= k
+    return counts
+
+
+@pytest.mark.parametrize("length, steps", [(32, 8), (64, 64), (128, 32), (256, 256), (12, 5)])
+def test_dream_schedule_matches_a_naive_loop(length, steps):
+    assert tokens_per_step("dream", length, steps).tolist() == naive_dream_counts(length, steps)
+
+
+def test_sampler_follows_the_dream_schedule():
+    # TABLE with k = 0, 1, 1, 2: step 0 commits nothing, then 2 (.95), 3 (.70), then 1 and 0 together.
+    config = SamplerConfig(gen_length=4, steps=4, schedule="dream", return_predictions=True)
+    result, adapter = run(TABLE, config)
+    assert result.trace.tolist() == [[3, 3, 1, 2]]
+    assert result.masked.sum(-1)[:, 0].tolist() == [4, 4, 3, 2]
+    assert result.num_steps == adapter.calls == 4
 
 
 @pytest.mark.parametrize(
@@ -368,6 +637,13 @@ def test_schedules_sum_to_the_block_and_commit_every_step():
         dict(alg="rcr", threshold=0.9),
         dict(top_p=0.0),
         dict(temperature=-1.0),
+        dict(confidence_from="dream"),
+        dict(alg="random", alg_temp=0.5),
+        dict(alg="max_s", alg_temp=0.5),
+        dict(alg="max_prob", alg_temp=0.5, threshold=0.9),
+        dict(alg_temp=-0.1),
+        dict(alg="origin", threshold=0.9),
+        dict(eps=0.0),
     ],
 )
 def test_bad_config_is_rejected(kwargs):
@@ -381,7 +657,7 @@ def test_right_padded_prompts_are_rejected():
         run(TABLE, SamplerConfig(gen_length=4, steps=4), prompts=prompts, mask=mask)
 
 
-@pytest.mark.parametrize("alg", ["max_prob", "max_s", "rcr"])
+@pytest.mark.parametrize("alg", ["max_prob", "max_s", "rcr", "origin"])
 def test_runs_on_a_real_adapter(alg):
     """Smoke: a tiny bidirectional Llama through ``agdo.models.load_adapter`` (logits + S from one forward)."""
     models = pytest.importorskip("agdo.models")

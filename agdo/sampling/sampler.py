@@ -7,12 +7,33 @@ block*, the first block that still has a masked position. Every step is one forw
 
 1. Draw a token ``x̂`` at every masked position of the active block (argmax at temperature 0, otherwise
    a categorical draw after temperature, top-k, top-p); the mask token is never drawn. ``p(x̂)`` — the
-   *confidence* — is the model's untempered probability (LLaDA's convention).
+   *confidence* — and the ``p`` of ``margin`` / ``entropy`` follow the model family's own sampler
+   (``SamplerConfig.confidence_from``, SPEC §6):
+
+   - ``"raw"`` (LLaDA's ``generate``): the untempered softmax of the raw logits at the drawn token,
+     whatever temperature / filters the token was drawn with.
+   - ``"sampling"`` (Dream's ``sample_tokens`` in ``generation_utils.py``): the distribution the token
+     is drawn from — ``softmax(logits / temperature)`` after top-p then top-k (Dream's order and top-p
+     boundary, :mod:`agdo.sampling.categorical`); at temperature 0 the untempered, filtered softmax and
+     its argmax. So at temperature > 0 ``p(x̂)`` is the probability of the *sampled* token, ``margin`` is
+     top1 - top2 and ``entropy`` the negative entropy of that distribution. (Dream's draw may return the
+     mask token; ours never does, and scores still use the distribution with the mask token in it.)
+
+   ``None`` (default) = the family default: ``adapter.confidence_from`` if the adapter has that
+   attribute (``"raw"`` / ``"sampling"``), else ``"sampling"`` when ``adapter.family == "dream"``,
+   else ``"raw"``. Every use of ``p(x̂)`` follows the convention: strategy scores, the Max-S candidate
+   test, the dynamic threshold, RCR's running confidence and the ``confidences`` record.
 2. Commit some of them:
    - static (``threshold=None``): ``k_t`` tokens, ``k_t`` from the schedule for the block's own step
-     counter (:mod:`agdo.sampling.schedules`), the ``k_t`` best by the strategy's score
-     (:mod:`agdo.sampling.strategies`); fewer if fewer are masked. A block therefore ends after at most
-     ``steps / num_blocks`` steps.
+     counter (:mod:`agdo.sampling.schedules`; ``dream`` is Dream's ``int(n (1 - s/t))``), the ``k_t``
+     best by the strategy's score (:mod:`agdo.sampling.strategies`); fewer if fewer are masked. A block
+     therefore ends after at most ``steps / num_blocks`` steps. With ``alg_temp > 0`` (Dream) the
+     ``k_t`` positions are instead drawn without replacement from ``softmax(score / alg_temp)`` over
+     the masked positions of the block (as Dream's ``torch.multinomial``; done by Gumbel-top-k).
+   - ``origin`` (Dream's ``alg="origin"``): each masked position of the active block is committed
+     independently with probability ``1 - s/t``, ``t, s`` = consecutive entries of Dream's
+     ``linspace(1, eps, steps_per_block + 1)`` at the block's step counter, and with probability 1 at
+     the block's last step; the schedule is not used, and a step may commit nothing (as in Dream).
    - dynamic (``threshold=τ``): every masked position of the block with ``p(x̂) >= τ``; if there is none,
      the single best by the strategy's score — at least one token per step per unfinished row.
    - ``rcr`` (static only), Running Confidence Remasking, MDPO (paper 003) Eq. 10. Each position keeps
@@ -22,26 +43,32 @@ block*, the first block that still has a masked position. Every step is one forw
      with the lowest ``c_i`` (ties: the later position is re-masked), whether just filled or committed at
      an earlier step of this block. Committed tokens are never re-predicted, only kept or re-masked; a
      re-masked position is predicted afresh, but its ``c_i`` keeps its maximum (Eq. 10 takes the max over
-     all earlier steps). Earlier blocks are final. Positions settled by the EOS rule are never re-masked.
+     all earlier steps). Earlier blocks are final.
      (MDPO's released code stores the latest rather than the maximum confidence; we follow the paper.)
-3. EOS rule (``stop_at_eos=True``): once a row holds a committed EOS (any of ``adapter.eos_token_ids``)
-   at response position ``e`` (the first such position), every position after ``e`` becomes
-   ``adapter.pad_token_id`` and counts as committed at that step — masked positions and already
-   committed tokens alike, so what follows an EOS is always padding and the model sees that padding from
-   then on. The row is finished when nothing is masked, usually long before its last block.
+3. End tokens. By default (``stop_at_eos=False``) nothing is done about them: every position is decoded
+   by the model, as LLaDA's and Dream's reference samplers do, so the model never conditions on a token
+   it did not write. ``stop_at_eos=True`` is TraceRL's early stop (``_sample`` in
+   ``sample/dream_rl_rollout.py`` of Gen-Verse/dLLM-RL): when a row's active block has just been
+   completed (no masked position left in it) and every token of it is an end token (``pad_token_id`` or
+   one of ``eos_token_ids``), every position after that block — all still masked, blocks go left to
+   right — becomes ``pad_token_id`` at that step and the row is finished. Only whole blocks stop a row,
+   so it matters only with several blocks; an EOS inside a block stops nothing. Those *settled*
+   positions are in ``GenerationResult.settled``, get the settling step in the trace, and are NaN in the
+   ``s`` and ``token_probs`` records. (TraceRL tests the whole batch at once and only ``pad_token_id``;
+   we test each row alone — rows stay independent — and count EOS as an end token too.)
 4. The loop stops as soon as every row is finished.
 
 The trace holds, per response position, the step whose update gave the position its final token
-(for RCR: the last time it was filled; for the EOS rule: the step it was overwritten); ``-1`` = never
+(for RCR: the last time it was filled; for settled positions: the step they were filled); ``-1`` = never
 committed. Steps are counted from 0 and are the same loop counter for every row.
 
-Randomness (temperature > 0 and the ``random`` strategy): pass ``generator`` as a list of one
-``torch.Generator`` per row (on the model's device) and row ``b`` draws only from ``generator[b]``, the
-same amount of noise at every step whatever its neighbours do — a row's result then depends only on its
-prompt and its generator's seed, not on the batch it is in nor on its left padding. A single generator
-(or None, torch's global stream) is shared by the batch, so a row's noise depends on its batch index.
-Per step and row the draws are, in order: ``block_length x V`` uniforms for Gumbel-max (temperature
-> 0), then ``block_length`` uniforms (``random``).
+Randomness (temperature > 0, ``random``, ``origin`` and ``alg_temp > 0``): pass ``generator`` as a list
+of one ``torch.Generator`` per row (on the model's device) and row ``b`` draws only from
+``generator[b]``, the same amount of noise at every step whatever its neighbours do — a row's result then
+depends only on its prompt and its generator's seed, not on the batch it is in nor on its left padding.
+A single generator (or None, torch's global stream) is shared by the batch, so a row's noise depends on
+its batch index. Per step and row the draws are, in order: ``block_length x V`` uniforms for Gumbel-max
+(temperature > 0), then ``block_length`` uniforms (``random``, ``origin``, or ``alg_temp > 0``).
 """
 
 from __future__ import annotations
@@ -52,9 +79,13 @@ from typing import Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from .categorical import Generators, argmax_excluding, sample_tokens, uniform_noise
-from .schedules import SCHEDULES, tokens_per_step
-from .strategies import ALIASES, STRATEGIES, select_top_k, selection_scores
+from .categorical import Generators, argmax_excluding, gumbel_draw, sampling_logits, uniform_noise
+from .schedules import DREAM_EPS, SCHEDULES, tokens_per_step, transfer_probability
+from .strategies import ALIASES, SCORED, STRATEGIES, select_top_k, selection_scores
+
+CONFIDENCE_CONVENTIONS = ("raw", "sampling")
+# Family default of `confidence_from` by `adapter.family` (agdo.models adapters have that attribute).
+FAMILY_CONFIDENCE = {"dream": "sampling", "llada": "raw", "generic": "raw"}
 
 
 @runtime_checkable
@@ -64,6 +95,9 @@ class DiffusionAdapter(Protocol):
     ``forward`` returns an object with ``logits (B, N, V)`` token-aligned (``logits[:, i]`` predicts
     token ``i``; shifted models are already shifted) and ``s (B, N)`` float32, the valid attention of
     every token for the key set ``unmasked`` (bool ``(B, N)``), or None when ``unmasked`` is None.
+
+    Optional: ``confidence_from`` (``"raw"`` / ``"sampling"``) or ``family`` (``"dream"`` → ``"sampling"``)
+    give the confidence convention used when ``SamplerConfig.confidence_from`` is None.
     """
 
     mask_token_id: int
@@ -84,11 +118,19 @@ class SamplerConfig:
         block_length: semi-AR block size (must divide ``gen_length``); None = ``gen_length``.
         temperature, top_p, top_k: how ``x̂`` is drawn (temperature 0 = argmax; None = no filter).
         alg: selection strategy, one of ``STRATEGIES`` (aliases: ``low_confidence``/``maskgit_plus`` →
-            ``max_prob``, ``topk_margin`` → ``margin``).
-        schedule: static schedule, one of ``SCHEDULES``.
+            ``max_prob``, ``topk_margin`` → ``margin``). ``origin`` is Dream's random-transfer rule.
+        schedule: static schedule, one of ``SCHEDULES`` (``dream``: Dream's own counts).
         threshold: dynamic unmasking threshold ``τ`` on ``p(x̂)``; None = static.
         candidate_threshold: Max-S candidates need ``p(x̂) >`` this (AGDO: 0.9; 0 = pure Max-S).
-        stop_at_eos: apply the EOS rule (module docstring).
+        confidence_from: ``"raw"`` (LLaDA), ``"sampling"`` (Dream) or None = the adapter's family
+            default (module docstring, step 1).
+        alg_temp: Dream's ``alg_temp``: > 0 draws the committed positions from ``softmax(score / alg_temp)``
+            instead of taking the top ``k_t`` (static ``max_prob`` / ``margin`` / ``entropy`` only);
+            0 or None = top ``k_t``.
+        eps: Dream's ``eps``, the last of its timesteps ``linspace(1, eps, steps_per_block + 1)``
+            (``schedule="dream"`` and ``alg="origin"`` only).
+        stop_at_eos: TraceRL's early stop (module docstring, step 3). Default False: the reference
+            samplers decode every position.
         return_confidences / return_predictions / return_s / return_token_probs: per-step records, see
             :class:`GenerationResult`.
     """
@@ -103,7 +145,10 @@ class SamplerConfig:
     schedule: str = "linear"
     threshold: Optional[float] = None
     candidate_threshold: float = 0.9
-    stop_at_eos: bool = True
+    confidence_from: Optional[str] = None
+    alg_temp: Optional[float] = 0.0
+    eps: float = DREAM_EPS
+    stop_at_eos: bool = False
     return_confidences: bool = False
     return_predictions: bool = False
     return_s: bool = False
@@ -111,6 +156,8 @@ class SamplerConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "alg", ALIASES.get(self.alg, self.alg))
+        if self.alg_temp is None:
+            object.__setattr__(self, "alg_temp", 0.0)
         if self.block_length is None:
             object.__setattr__(self, "block_length", self.gen_length)
         problems = []
@@ -132,10 +179,19 @@ class SamplerConfig:
             problems.append(f"top_k must be >= 1, got {self.top_k}")
         if self.threshold is not None and not 0 < self.threshold <= 1:
             problems.append(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.threshold is not None and self.alg == "rcr":
-            problems.append("alg='rcr' re-masks to a static schedule: it cannot be combined with threshold")
+        if self.threshold is not None and self.alg in ("rcr", "origin"):
+            problems.append(f"alg={self.alg!r} follows a static schedule: it cannot be combined with threshold")
         if not 0 <= self.candidate_threshold < 1:
             problems.append(f"candidate_threshold must be in [0, 1), got {self.candidate_threshold}")
+        if self.confidence_from is not None and self.confidence_from not in CONFIDENCE_CONVENTIONS:
+            problems.append(f"confidence_from must be one of {CONFIDENCE_CONVENTIONS} or None, got {self.confidence_from!r}")
+        if self.alg_temp < 0:
+            problems.append(f"alg_temp must be >= 0, got {self.alg_temp}")
+        elif self.alg_temp > 0 and (self.alg not in SCORED or self.threshold is not None):
+            problems.append(f"alg_temp > 0 needs a static schedule and alg in {SCORED}, got alg={self.alg!r}, "
+                            f"threshold={self.threshold}")
+        if not 0 < self.eps < 1:
+            problems.append(f"eps must be in (0, 1), got {self.eps}")
         if problems:
             raise ValueError("SamplerConfig: " + "; ".join(problems))
 
@@ -146,6 +202,18 @@ class SamplerConfig:
     @property
     def dynamic(self) -> bool:
         return self.threshold is not None
+
+
+def resolve_confidence_from(config: SamplerConfig, adapter) -> str:
+    """The confidence convention ``generate`` uses: the config's, else the adapter's, else its family's."""
+    if config.confidence_from is not None:
+        return config.confidence_from
+    declared = getattr(adapter, "confidence_from", None)
+    if declared is not None:
+        if declared not in CONFIDENCE_CONVENTIONS:
+            raise ValueError(f"adapter.confidence_from must be one of {CONFIDENCE_CONVENTIONS}, got {declared!r}")
+        return declared
+    return FAMILY_CONFIDENCE.get(getattr(adapter, "family", None), "raw")
 
 
 @dataclass
@@ -160,15 +228,20 @@ class GenerationResult:
         response_start: ``P``; the response is ``sequences[:, P:]``.
         trace: ``(B, R)`` int64, the step that committed each position's final token, ``-1`` = never.
         num_steps: forward passes run.
-        confidences: ``(T, B, R)`` ``p(x̂)`` at the positions that were masked in the active block.
+        settled: ``(B, R)`` bool, positions filled with padding by the early stop (``stop_at_eos``), not
+            decoded by the model.
+        confidences: ``(T, B, R)`` ``p(x̂)`` (the convention's, see ``confidence_from``) at the positions
+            that were masked in the active block.
         predictions: ``(T, B, R)`` int64, the sequence with every masked position replaced by the step's
             prediction (the drawn ``x̂`` in the active block, the argmax elsewhere) — MDPO's ``x̂_0``.
         masked: ``(T, B, R)`` bool, the masked positions going into each step (with ``predictions``).
         prediction_probs: ``(T, B, R)`` probability of each masked position's prediction under the step's
             (untempered) softmax, NaN at unmasked positions (with ``predictions``).
-        s: ``(T, B, R)`` valid attention of every response token at each step (U = unmasked tokens).
+        s: ``(T, B, R)`` valid attention of every response token at each step (U = unmasked tokens); NaN
+            at settled positions.
         token_probs: ``(T, B, R)`` probability, under step ``t``'s forward pass, of the token a position
-            holds after step ``t`` (NaN while masked) — ``p_t(x_i)`` for ΔP (:mod:`agdo.analysis`).
+            holds after step ``t`` (NaN while masked, and at settled positions) — ``p_t(x_i)`` for ΔP
+            (:mod:`agdo.analysis`).
     """
 
     sequences: torch.Tensor
@@ -181,6 +254,7 @@ class GenerationResult:
     prediction_probs: Optional[torch.Tensor] = None
     s: Optional[torch.Tensor] = None
     token_probs: Optional[torch.Tensor] = None
+    settled: Optional[torch.Tensor] = None
 
     @property
     def response(self) -> torch.Tensor:
@@ -202,13 +276,13 @@ def _check_inputs(adapter, prompt_ids, prompt_mask):
     return prompt_mask
 
 
-def _settle_after_eos(response, settled, eos_ids, pad_id):
-    """EOS rule: positions after each row's first committed EOS become padding and are settled."""
-    is_eos = torch.isin(response, eos_ids)
-    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), response.shape[1]).unsqueeze(1)
-    positions = torch.arange(response.shape[1], device=response.device)
-    response = torch.where(positions > first_eos, pad_id, response)
-    return response, settled | (positions >= first_eos)
+def _end_of_row(block_tokens, block, unfinished, end_ids, mask_id, response_length):
+    """TraceRL's early stop: ``(B, R)`` bool, the positions after each row's active block where that
+    block is complete and holds end tokens only (those positions are then padded and settled)."""
+    ends = unfinished & (block_tokens != mask_id).all(1) & torch.isin(block_tokens, end_ids).all(1)
+    block_end = (block + 1) * block_tokens.shape[1]
+    positions = torch.arange(response_length, device=block_tokens.device)
+    return ends.unsqueeze(1) & (positions >= block_end.unsqueeze(1))
 
 
 @torch.no_grad()
@@ -235,20 +309,27 @@ def generate(
     R, L = config.gen_length, config.block_length
     mask_id = adapter.mask_token_id
     pad_id = adapter.pad_token_id if adapter.pad_token_id is not None else adapter.eos_token_ids[0]
-    eos_ids = torch.tensor(tuple(adapter.eos_token_ids), device=device, dtype=torch.long)
+    end_ids = torch.tensor((pad_id, *adapter.eos_token_ids), device=device, dtype=torch.long)
     rcr, strategy = config.alg == "rcr", config.alg
+    origin = strategy == "origin"
+    from_sampling = resolve_confidence_from(config, adapter) == "sampling"
     need_s = strategy == "max_s" or config.return_s
+    temperature, alg_temp = config.temperature, config.alg_temp
 
     x = torch.cat([prompt_ids, torch.full((B, R), mask_id, dtype=torch.long, device=device)], dim=1)
     real = torch.cat([prompt_mask, torch.ones(B, R, dtype=torch.bool, device=device)], dim=1)
     attention_mask = None if bool(real.all()) else real
     if not config.dynamic:
-        per_step = tokens_per_step(config.schedule, L, config.steps // config.num_blocks).to(device)
+        block_steps = config.steps // config.num_blocks
+        per_step = tokens_per_step(config.schedule, L, block_steps, config.eps).to(device)
+        if origin:
+            transfer = torch.tensor([transfer_probability(i, block_steps, config.eps) for i in range(block_steps)],
+                                    dtype=torch.float32, device=device)
 
     rows = torch.arange(B, device=device).unsqueeze(1)
     block_offsets = torch.arange(L, device=device)
     trace = torch.full((B, R), -1, dtype=torch.long, device=device)
-    settled = torch.zeros(B, R, dtype=torch.bool, device=device)  # fixed by the EOS rule
+    settled = torch.zeros(B, R, dtype=torch.bool, device=device)  # padded by the early stop
     running_confidence = torch.zeros(B, R, device=device)  # RCR's c_i
     active_block = torch.full((B,), -1, dtype=torch.long, device=device)
     block_step = torch.zeros(B, dtype=torch.long, device=device)
@@ -277,9 +358,20 @@ def generate(
 
         block_logits = logits[rows, positions].float()
         log_normalizer = block_logits.logsumexp(dim=-1)
-        noise = uniform_noise(generator, B, tuple(block_logits.shape[1:]), device) if config.temperature > 0 else None
-        drawn = sample_tokens(block_logits, config.temperature, config.top_k, config.top_p, noise, exclude=mask_id)
-        confidence = (block_logits.gather(-1, drawn.unsqueeze(-1)).squeeze(-1) - log_normalizer).exp()
+        filtered = None
+        if temperature > 0 or from_sampling:  # the distribution tokens are drawn from
+            filtered = sampling_logits(block_logits, temperature, config.top_k, config.top_p, dream_order=from_sampling)
+        if temperature > 0:
+            noise = uniform_noise(generator, B, tuple(block_logits.shape[1:]), device)
+            drawn = gumbel_draw(filtered, noise, exclude=mask_id)
+        else:
+            drawn = argmax_excluding(block_logits, mask_id)
+        raw_confidence = (block_logits.gather(-1, drawn.unsqueeze(-1)).squeeze(-1) - log_normalizer).exp()
+        if from_sampling:  # Dream: scores on the distribution the token was drawn from
+            score_logits, score_normalizer = filtered, filtered.logsumexp(dim=-1)
+            confidence = (filtered.gather(-1, drawn.unsqueeze(-1)).squeeze(-1) - score_normalizer).exp()
+        else:  # LLaDA: the untempered softmax at the drawn token
+            score_logits, score_normalizer, confidence = block_logits, log_normalizer, raw_confidence
         block_tokens = response.gather(1, positions)
         masked_in_block = masked.gather(1, positions) & unfinished.unsqueeze(1)
         if not config.dynamic:  # k_t of each row's block; finished rows keep counting on block 0, unused
@@ -289,16 +381,21 @@ def generate(
             seen = torch.where(masked_in_block, confidence, 0.0)
             block_running = torch.maximum(running_confidence.gather(1, positions), seen)
             running_confidence.scatter_(1, positions, block_running)
-            pool = unfinished.unsqueeze(1) & ~settled.gather(1, positions)
+            pool = unfinished.unsqueeze(1).expand(B, L)
             left_masked = (masked_in_block.sum(1) - quota).clamp(min=0)
             keep = select_top_k(block_running, pool, pool.sum(1) - left_masked)
             filled = torch.where(masked_in_block, drawn, block_tokens)
             new_block_tokens = torch.where(pool & ~keep, mask_id, filled)
+        elif origin:  # Dream: every masked position independently with probability 1 - s/t
+            coin = uniform_noise(generator, B, (L,), device)
+            p_transfer = transfer[block_step.clamp(max=len(transfer) - 1)]
+            commit = masked_in_block & (coin < p_transfer.unsqueeze(1))
+            new_block_tokens = torch.where(commit, drawn, block_tokens)
         else:
             scores = selection_scores(
                 strategy,
-                block_logits,
-                log_normalizer,
+                score_logits,
+                score_normalizer,
                 confidence,
                 s=out.s[:, P:].gather(1, positions) if strategy == "max_s" else None,
                 uniform=uniform_noise(generator, B, (L,), device) if strategy == "random" else None,
@@ -309,12 +406,17 @@ def generate(
                 best = select_top_k(scores, masked_in_block, torch.ones_like(block))
                 commit = torch.where(confident.any(1, keepdim=True), confident, best)
             else:
+                if alg_temp > 0:  # Dream: multinomial without replacement ∝ softmax(score / alg_temp)
+                    u = uniform_noise(generator, B, (L,), device).clamp_min(torch.finfo(torch.float32).tiny)
+                    scores = scores / alg_temp - torch.log(-torch.log(u))
                 commit = select_top_k(scores, masked_in_block, quota)
             new_block_tokens = torch.where(commit, drawn, block_tokens)
 
         new_response = response.scatter(1, positions, new_block_tokens)
         if config.stop_at_eos:
-            new_response, settled = _settle_after_eos(new_response, settled, eos_ids, pad_id)
+            after = _end_of_row(new_block_tokens, block, unfinished, end_ids, mask_id, R)
+            new_response = torch.where(after, pad_id, new_response)
+            settled |= after
         now_masked = new_response == mask_id
         trace = torch.where(now_masked, -1, torch.where(new_response != response, step, trace))
         x = torch.cat([x[:, :P], new_response], dim=1)
@@ -331,14 +433,14 @@ def generate(
             records["masked"].append(masked & live)
             # p of each masked position's prediction under the step's softmax (MDPO's confidence weight).
             best_prob = (logits.gather(-1, best.unsqueeze(-1)).squeeze(-1).float() - logits.float().logsumexp(-1)).exp()
-            probs = best_prob.scatter(1, positions, confidence)
+            probs = best_prob.scatter(1, positions, raw_confidence)
             records["prediction_probs"].append(torch.where(masked & live, probs, nan))
         if config.return_s:
-            records["s"].append(torch.where(live, out.s[:, P:].float(), nan))
+            records["s"].append(torch.where(live & ~settled, out.s[:, P:].float(), nan))
         if config.return_token_probs:
             held_logit = logits.gather(-1, new_response.unsqueeze(-1)).squeeze(-1).float()
             held_prob = (held_logit - logits.float().logsumexp(dim=-1)).exp()
-            records["token_probs"].append(torch.where(live & ~now_masked, held_prob, nan))
+            records["token_probs"].append(torch.where(live & ~now_masked & ~settled, held_prob, nan))
 
     stacked = {name: torch.stack(values) for name, values in records.items()}
-    return GenerationResult(sequences=x, response_start=P, trace=trace, num_steps=num_steps, **stacked)
+    return GenerationResult(sequences=x, response_start=P, trace=trace, num_steps=num_steps, settled=settled, **stacked)
