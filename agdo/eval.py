@@ -49,6 +49,8 @@ class EvalConfig:
     top_k: Optional[int] = None
     threshold: Optional[float] = None
     candidate_threshold: float = 0.9
+    confidence_from: Optional[str] = None  # None: the model family's convention (SPEC §6)
+    stop_at_eos: bool = False  # TraceRL's early stop; off = every position decoded (reference samplers)
     schedule: str = "linear"  # static schedule (paper 003 App. B.2: linear, cosine, sqrt, exp, log, ...)
     batch_size: int = 8
     output_dir: str = "runs/eval"
@@ -82,6 +84,7 @@ class EvalConfig:
                 gen_length=self.gen_length, steps=self.steps, block_length=self.block_length,
                 temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, alg=alg,
                 threshold=self.threshold, candidate_threshold=self.candidate_threshold, schedule=self.schedule,
+                confidence_from=self.confidence_from, stop_at_eos=self.stop_at_eos,
             )
         except ValueError as error:
             raise ValueError(f"EvalConfig (algs entry {alg!r}): {error}") from None

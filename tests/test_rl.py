@@ -332,7 +332,9 @@ def test_reward_rises_from_a_weak_start(tmp_path, method):
     four times the noise of the difference (standard error ~0.03: 10-step means of 64 rollouts each).
     AGDO-RL rolls out with pure Max-S (candidate_threshold 0), so that the trajectories follow the
     attention order its rows are built on; with Max-Prob rollouts the toy shows it lowering the reward
-    (README, Status).
+    (README, Status). It also trains the positions after the EOS (post_num=2): the sampler decodes them
+    (stop_at_eos off, as the reference samplers), and masking them in the rows while the rollout saw them
+    takes the rise below the margin on this toy (+0.07 with post_num=1, seed 1).
     """
     overrides = RISE[method]
     _run(tmp_path, adapter_and_prompts=build_tiny_rl_run(pretrain_steps=60, model_seed=RISE_SEED[method]),
@@ -345,7 +347,7 @@ def test_reward_rises_from_a_weak_start(tmp_path, method):
 
 RISE = {
     "tracerl": dict(max_steps=60, learning_rate=1e-3),
-    "agdo": dict(max_steps=60, learning_rate=1e-3, decoding_alg="max_s", candidate_threshold=0.0),
+    "agdo": dict(max_steps=60, learning_rate=1e-3, decoding_alg="max_s", candidate_threshold=0.0, post_num=2),
     "diffu_grpo": dict(max_steps=60, learning_rate=1e-3),
     "coupled": dict(max_steps=60, learning_rate=1e-3),
     "wd1": dict(max_steps=60, learning_rate=1e-3),

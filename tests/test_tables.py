@@ -73,6 +73,8 @@ def test_table_command_evaluates_each_cell_like_evaluate(tmp_path, capsys, monke
     monkeypatch.setattr(data, "load_benchmark", lambda name, root=None: list(records))
     adapter.model.save_pretrained(tmp_path / "model")
     adapter.tokenizer.save_pretrained(tmp_path / "model")
+    main(["table", "table=agdo_table1", f"models={{model: {tmp_path / 'missing'}}}", f"output_dir={tmp_path / 'tables'}"])
+    assert "missing is not a directory (not trained yet?): paper numbers only" in capsys.readouterr().out
     main(["table", "table=short", f"models={{model: {tmp_path / 'model'}}}", "seeds=[0, 1]",
           f"output_dir={tmp_path / 'tables'}"])
     printed = capsys.readouterr().out

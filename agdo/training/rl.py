@@ -123,7 +123,11 @@ class RLConfig(TrainingArguments):
     top_k: Optional[int] = None
     decoding_alg: str = "max_prob"
     candidate_threshold: float = 0.9  # max_s decoding: candidates need p > this (0: pure Max-S)
-    stop_at_eos: bool = True
+    # Confidence of the selection rules: None = the model family's (LLaDA "raw", Dream "sampling"; SPEC §6).
+    confidence_from: Optional[str] = None
+    # TraceRL's early stop (a finished all-pad block ends the row); off = decode every position, as the
+    # reference samplers do.
+    stop_at_eos: bool = False
     generation_batch_size: Optional[int] = None  # responses per generate call (None: all local ones)
     # Rewards and groups.
     reward_workers: int = 2
@@ -226,6 +230,7 @@ class RLConfig(TrainingArguments):
             gen_length=self.max_completion_length, steps=self.diffusion_steps or self.max_completion_length,
             block_length=self.block_length if block_length is None else block_length, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             alg=self.decoding_alg, candidate_threshold=self.candidate_threshold, stop_at_eos=self.stop_at_eos,
+            confidence_from=self.confidence_from,
             return_predictions=self.method == "mdpo",
         )
 
