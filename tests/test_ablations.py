@@ -11,13 +11,12 @@ orders and weights rebuilt from the public building blocks with the same random 
 import copy
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import agdo_kernels
 from agdo import orders
@@ -28,6 +27,7 @@ from agdo.models._families import position_ids_for
 sys.path.insert(0, str(Path(__file__).parent))
 from test_models import adapters  # noqa: E402,F401  (the 2-layer fixture models of every family)
 from test_models import batch as two_layer_batch  # noqa: E402
+from test_models import expected_statistics, remote_model_dir  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 B, N, P = 3, 13, 6
@@ -52,25 +52,14 @@ def generic_model(kind: str):
     return model.eval()
 
 
-def remote_model_dir(root: Path, name: str, **config_changes) -> Path:
-    directory = root / name
-    shutil.copytree(FIXTURES / name, directory)
-    config_file = directory / "config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **config_changes}))
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=True, local_files_only=True)
-    torch.manual_seed(1)
-    AutoModel.from_config(config, trust_remote_code=True).save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("ablation_checkpoints")
     built = {
         "qwen2_gqa7": load_adapter(generic_model("qwen2_gqa7")),
         "llama_gqa2": load_adapter(generic_model("llama_gqa2")),
-        "dream": load_adapter(remote_model_dir(root, "tiny_dream", num_hidden_layers=LAYERS)),
-        "llada_gqa3": load_adapter(remote_model_dir(root, "tiny_llada", n_layers=LAYERS, d_model=72, n_heads=6,
+        "dream": load_adapter(remote_model_dir(root, "tiny_dream", seed=1, num_hidden_layers=LAYERS)),
+        "llada_gqa3": load_adapter(remote_model_dir(root, "tiny_llada", seed=1, n_layers=LAYERS, d_model=72, n_heads=6,
                                                     n_kv_heads=2)),
     }
     for adapter in built.values():
@@ -168,19 +157,6 @@ def chosen_heads(probs, attention_mask, heads):
     return result
 
 
-def expected_statistics(probs, attention_mask, unmasked, queries, shift, heads_per_row):
-    """S, (S0, Abar_RR) and I ("sum") straight from the definitions (SPEC §1-§2), Abar over the chosen heads."""
-    abar = torch.stack([probs[b, heads_per_row[b]].mean(0) for b in range(B)]) * attention_mask[:, None, :]
-    s_rows = (abar * unmasked[:, None, :]).sum(-1) * attention_mask
-    s = torch.cat([torch.zeros(B, 1, dtype=s_rows.dtype), s_rows[:, :-1]], 1) if shift else s_rows
-    s = s * attention_mask
-    predictor = torch.arange(P, N) - int(shift)
-    both_real = (attention_mask[:, P:] & attention_mask[:, predictor]).double()
-    s0 = abar[:, predictor, :P].sum(-1) * both_real
-    abar_rr = abar[:, predictor, P:] * both_real[..., None]
-    rows = torch.cat([queries[:, 1:], torch.zeros(B, 1, dtype=torch.bool)], 1) if shift else queries
-    influence = (abar * (rows & attention_mask).double()[:, :, None]).sum(1)
-    return dict(s=s, s0=s0, abar_rr=abar_rr, influence=influence)
 
 
 # ----------------------------------------------------------------------- layer and head choice
@@ -200,8 +176,8 @@ def test_statistics_of_the_chosen_layer_and_heads_match_eager_attention(models, 
     out = adapter.forward(input_ids, attention_mask, unmasked=unmasked, response_start=P,
                           influence_query_mask=queries, attention_layer=layer, attention_heads=heads)
     probs = references[case][index]
-    expected = expected_statistics(probs, attention_mask, unmasked, queries, SHIFTED[case],
-                                   chosen_heads(probs, attention_mask, heads))
+    expected = expected_statistics(probs, attention_mask, unmasked, queries, SHIFTED[case], "sum",
+                                   chosen_heads(probs, attention_mask, heads), response_start=P)
     for name, value in expected.items():
         torch.testing.assert_close(getattr(out, name).double(), value, atol=2e-5, rtol=1e-4, msg=name)
 

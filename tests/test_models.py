@@ -5,6 +5,7 @@ Fully offline: generic models are built from configs; Dream and LLaDA from the l
 """
 
 import copy
+import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,12 +43,16 @@ def generic_model(kind: str):
     return model.eval()
 
 
-def remote_model_dir(root: Path, name: str) -> Path:
-    """A local checkpoint directory of a fixture family: its code, config and random weights."""
+def remote_model_dir(root: Path, name: str, *, seed: int = 0, **config_changes) -> Path:
+    """A local checkpoint directory of a fixture family: its code, its config (with ``config_changes``) and
+    random weights drawn with ``seed``."""
     directory = root / name
     shutil.copytree(FIXTURES / name, directory)
+    if config_changes:
+        config_file = directory / "config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **config_changes}))
     config = AutoConfig.from_pretrained(directory, trust_remote_code=True, local_files_only=True)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     AutoModel.from_config(config, trust_remote_code=True).save_pretrained(directory)
     return directory
 
@@ -113,9 +118,16 @@ def last_layer_probabilities(adapter, input_ids, attention_mask):
     return out.attentions[-1].double()
 
 
-def expected_statistics(probs, attention_mask, unmasked, queries, shift, norm):
-    """Per-token S, (S0, Abar_RR) and I straight from the definitions (SPEC §1-§2)."""
-    abar = probs.mean(1) * attention_mask[:, None, :]
+def expected_statistics(probs, attention_mask, unmasked, queries, shift, norm, heads_per_row=None, response_start=P):
+    """Per-token S, (S0, Abar_RR) and I straight from the definitions (SPEC §1-§2); Abar averages every head,
+    or the heads ``heads_per_row[b]`` of each row (the head ablations)."""
+    B, N = attention_mask.shape  # noqa: N806  (the batch's own sizes, not this module's)
+    P = response_start  # noqa: N806
+    if heads_per_row is None:
+        abar = probs.mean(1)
+    else:
+        abar = torch.stack([probs[b, heads_per_row[b]].mean(0) for b in range(probs.shape[0])])
+    abar = abar * attention_mask[:, None, :]
     rows_valid = attention_mask.double()
     s_rows = (abar * unmasked[:, None, :]).sum(-1) * rows_valid
     s = torch.cat([torch.zeros(B, 1, dtype=s_rows.dtype), s_rows[:, :-1]], 1) if shift else s_rows

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_worker import build_tiny_rl_run  # noqa: E402
 from training_helpers import (  # noqa: E402,F401  (fresh_accelerate, one_thread: autouse fixtures)
     assert_same_weights, fresh_accelerate, launch_two_processes, launch_unavailable, metrics, one_thread, params,
-    reset_accelerate,
+    reset_accelerate, script_forward,
 )
 
 BASE = dict(post_num=1, max_completion_length=3, num_generations=4, prompts_per_step=4, learning_rate=1e-3,
@@ -429,17 +429,10 @@ def test_a_rollout_batch_split_into_several_updates(tmp_path):
 def test_update_loss_is_the_mean_over_rows_of_each_rows_token_mean(tmp_path, forward_batch_size):
     """A scripted model (fixed logits per row, whatever the input) through Trainer.optimizer_update: the
     logged loss is sum_rows(row loss) / rows, the same for every chunking of the rows."""
-    from agdo.models.adapter import AdapterOutput
-
     logits, rows = _scripted_rows(seed=7, M=5, N=6, V=5)
     rows = rows._replace(input_ids=torch.arange(5)[:, None].expand(5, 6).contiguous())  # row id in the ids
     trainer = _one_step_trainer(tmp_path, "tracerl", forward_batch_size=forward_batch_size, beta=0.05)
-    anchor = next(trainer.model.parameters())
-
-    def scripted(input_ids, attention_mask=None, **_):
-        return AdapterOutput(logits[input_ids[:, 0]] + 0 * anchor.sum())
-
-    trainer.adapter.forward = scripted
+    script_forward(trainer, logits)
     try:
         result = trainer.optimizer_update([rows], trainer._loss)
     finally:

@@ -23,7 +23,7 @@ from agdo.training.rl import (RLConfig, RLRows, RLTrainer, _Clock, coupled_loss,
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_rl import BASE, _one_step_trainer  # noqa: E402
-from training_helpers import fresh_accelerate, one_thread  # noqa: E402,F401  (autouse fixtures)
+from training_helpers import fresh_accelerate, one_thread, script_forward  # noqa: E402,F401  (autouse fixtures)
 
 MASK = 99
 
@@ -162,20 +162,12 @@ def test_coupled_loss_and_gradient_match_a_token_by_token_computation(beta):
 def test_coupled_update_keeps_triples_together_and_averages_over_them(tmp_path, forward_batch_size):
     """A scripted model (fixed logits per row) through Trainer.optimizer_update: whatever forward_batch_size,
     chunks hold whole triples and the logged loss is the mean over triples of the coupled loss."""
-    from agdo.models.adapter import AdapterOutput
-
     logits, rows, *_ = _coupled_scripted(seed=9, units=4)
     M = rows.input_ids.shape[0]
     rows = rows._replace(input_ids=torch.arange(M)[:, None].expand(M, rows.input_ids.shape[1]).contiguous())
     trainer = _one_step_trainer(tmp_path, "coupled", forward_batch_size=forward_batch_size, beta=0.05)
-    anchor = next(trainer.model.parameters())
     chunk_sizes = []
-
-    def scripted(input_ids, attention_mask=None, **_):
-        chunk_sizes.append(input_ids.shape[0])
-        return AdapterOutput(logits[input_ids[:, 0]] + 0 * anchor.sum())
-
-    trainer.adapter.forward = scripted
+    script_forward(trainer, logits, chunk_sizes)
     try:
         result = trainer.optimizer_update([rows], trainer._loss)
     finally:

@@ -3,6 +3,8 @@ one thread per test, run comparisons, and ``accelerate launch`` of tests/train_w
 
 from __future__ import annotations
 
+from typing import Optional
+
 import json
 import os
 import socket
@@ -83,3 +85,20 @@ def launch_two_processes(kind: str, output_dir, overrides: list[str]) -> subproc
 def launch_unavailable(result) -> bool:
     text = result.stderr + result.stdout
     return any(s in text for s in ("Address already in use", "DistNetworkError", "connectFullMesh"))
+
+
+def script_forward(trainer, logits, chunk_sizes: Optional[list] = None) -> None:
+    """Make ``trainer``'s adapter a scripted model: row ``m`` of any chunk gets ``logits[input_ids[m, 0]]``
+    (tests put the row id in the ids), still connected to the model's parameters so that backward and the
+    optimizer step run; ``chunk_sizes`` collects the rows of each forward."""
+    from agdo.models.adapter import AdapterOutput
+
+    anchor = next(trainer.model.parameters())
+
+    def scripted(input_ids, attention_mask=None, **_):
+        if chunk_sizes is not None:
+            chunk_sizes.append(input_ids.shape[0])
+        return AdapterOutput(logits[input_ids[:, 0]] + 0 * anchor.sum())
+
+    trainer.adapter.forward = scripted
+
