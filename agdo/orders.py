@@ -22,7 +22,7 @@ import torch
 
 import agdo_kernels
 
-from .models._capture import ATTENTION_LAYERS, HEAD_SPLITS, check_attention_heads, check_attention_layer  # noqa: F401
+from .models import check_attention_heads, check_attention_layer  # noqa: F401  (re-exported for the configs)
 
 ORDERS = ("attention", "left_to_right", "random", "blockwise", "trace")
 
@@ -32,19 +32,26 @@ class AttentionOrder(NamedTuple):
     influence: torch.Tensor  # (B, N) float32, I of every key from the same forward
 
 
-def trained_positions(response_ids: torch.Tensor, stop_token_ids, post_num: int) -> torch.Tensor:
-    """``(B, R)`` bool: real response tokens plus the first ``post_num`` stop (pad/EOS) tokens after them.
+def trained_positions(response_ids: torch.Tensor, stop_token_ids, post_num: int, *, pad_token_id: int) -> torch.Tensor:
+    """``(B, R)`` bool: the response, its end-of-turn token, and the first ``post_num`` positions after it
+    (SPEC §4, dLLM-RL's semantics, which the paper adopts).
 
-    A row's response ends at its first stop token; the ``post_num`` tokens from there on teach the model
-    to stop (the paper uses 16 for math, 0 for code). Later stop tokens are never trained.
+    A row's response ends at its first stop token (``stop_token_ids``: end-of-turn ids such as Dream's
+    ``<|im_end|>`` and the pad id). An end-of-turn token is an ordinary response token, trained; the
+    ``post_num`` positions after it (the pad tokens that teach the model to stop: paper 16 for math, 0 for
+    code) are trained too. A row that stops with a pad token (no end-of-turn) counts that pad as the first
+    of its ``post_num``. Later positions are never trained.
     """
     if post_num < 0:
         raise ValueError(f"`post_num` must be >= 0, got {post_num}")
     is_stop = torch.isin(response_ids, torch.as_tensor(list(stop_token_ids), device=response_ids.device))
-    stops_so_far = is_stop.long().cumsum(-1)
     index = torch.arange(response_ids.shape[1], device=response_ids.device)
-    first_stop = torch.where(is_stop.any(-1), is_stop.long().argmax(-1), response_ids.shape[1])
-    return (stops_so_far == 0) | (index < first_stop[:, None] + post_num)
+    has_stop = is_stop.any(-1)
+    first_stop = torch.where(has_stop, is_stop.long().argmax(-1), response_ids.shape[1])
+    stop_token = response_ids.gather(-1, first_stop.clamp(max=response_ids.shape[1] - 1)[:, None]).squeeze(-1)
+    end_of_turn = has_stop & (stop_token != pad_token_id)  # trained itself, then post_num pads
+    last_trained = first_stop + end_of_turn.long() + post_num  # exclusive
+    return index < last_trained[:, None]
 
 
 def _ranked(rank: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:

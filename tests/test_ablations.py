@@ -443,7 +443,8 @@ def _expected_rows(config, adapter, batch, steps, token_weights, epoch=1):
 
 def _trained(adapter, batch, config):
     P_ = batch["response_start"]
-    return orders.trained_positions(batch["input_ids"][:, P_:], adapter.stop_token_ids, config.post_num)
+    return orders.trained_positions(batch["input_ids"][:, P_:], adapter.stop_token_ids, config.post_num,
+                                    pad_token_id=adapter.pad_token_id)
 
 
 def test_sft_order_only_is_gamma_zero():
@@ -538,5 +539,5 @@ def test_sft_ablation_config_validation_and_training_smoke(tmp_path):
                            attention_layer="first", attention_heads="global")
         train_sft(config, adapter=adapter, dataset=dataset)
         logged = [json.loads(line) for line in (tmp_path / ablation / "metrics.jsonl").read_text().splitlines()]
-        assert len(logged) == 1 and math.isfinite(logged[0]["loss"]) and logged[0]["rows"] == 16
+        assert len(logged) == 1 and math.isfinite(logged[0]["loss"]) and logged[0]["rows"] == 20  # 4 samples x 5 trained tokens
     reset_accelerate()

@@ -12,7 +12,7 @@ def _batch():
     # Row 0: prompt of 3, response of 5 then 2 pads; row 1: left-padded prompt of 2, response of 3.
     input_ids = torch.tensor([[1, 2, 3, 10, 11, 12, 13, 14, 0, 0], [0, 4, 5, 20, 21, 22, 0, 0, 0, 0]])
     attention_mask = torch.tensor([[1] * 10, [0] + [1] * 9], dtype=torch.bool)
-    trained = trained_positions(input_ids[:, 3:], stop_token_ids=[0], post_num=1)
+    trained = trained_positions(input_ids[:, 3:], stop_token_ids=[0], post_num=1, pad_token_id=0)
     return input_ids, attention_mask, trained
 
 

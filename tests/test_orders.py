@@ -66,7 +66,17 @@ def test_blockwise_and_trace_orders():
 
 
 def test_trained_positions_post_num():
-    response = torch.tensor([[7, 8, 2, 0, 0, 0], [7, 8, 9, 9, 9, 9]])
-    got = trained_positions(response, stop_token_ids=[0, 2], post_num=2)
-    assert got.tolist() == [[True, True, True, True, False, False], [True] * 6]
-    assert trained_positions(response, stop_token_ids=[0, 2], post_num=0)[0].tolist() == [True, True] + [False] * 4
+    """SPEC §4: the end-of-turn token (2) is an ordinary response token; post_num counts the pads (0) after it.
+    A row that stops with a pad (no end-of-turn) counts that pad as the first of its post_num."""
+    response = torch.tensor([[7, 8, 2, 0, 0, 0, 0], [7, 8, 9, 9, 9, 9, 9], [7, 0, 0, 0, 0, 0, 0],
+                             [2, 0, 0, 0, 0, 0, 0], [7, 2, 5, 0, 2, 0, 0]])
+    got = trained_positions(response, stop_token_ids=[0, 2], post_num=2, pad_token_id=0)
+    assert got.int().tolist() == [[1, 1, 1, 1, 1, 0, 0], [1] * 7, [1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0],
+                                  [1, 1, 1, 1, 0, 0, 0]]  # after the first end: post_num positions, whatever they hold
+    none = trained_positions(response, stop_token_ids=[0, 2], post_num=0, pad_token_id=0)
+    assert none.int().tolist() == [[1, 1, 1, 0, 0, 0, 0], [1] * 7, [1, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0],
+                                   [1, 1, 0, 0, 0, 0, 0]]
+    # post_num running past the end is clipped to the response; an end-of-turn that is also the pad id is a pad.
+    assert trained_positions(response[:1], stop_token_ids=[0, 2], post_num=9, pad_token_id=0).all()
+    assert trained_positions(response[:1], stop_token_ids=[2], post_num=1, pad_token_id=2).int().tolist() == [
+        [1, 1, 1, 0, 0, 0, 0]]

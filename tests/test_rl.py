@@ -173,7 +173,8 @@ def test_rows_follow_the_method_order_and_token_advantages(tmp_path, method):
     kept = [c for c in range(16) if keep[c // 4]]
     assert sorted(set(rows.completion.tolist())) == kept  # the all-wrong group (1) has no rows
 
-    trained = orders.trained_positions(rollouts.sequences[:, P:], adapter.stop_token_ids, 1)
+    trained = orders.trained_positions(rollouts.sequences[:, P:], adapter.stop_token_ids, 1,
+                                       pad_token_id=adapter.pad_token_id)
     if method == "agdo":
         steps = orders.attention_order(adapter, rollouts.sequences, rollouts.attention_mask, response_start=P,
                                        trained=trained, influence_norm="sum").steps

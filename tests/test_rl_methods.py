@@ -337,7 +337,8 @@ def test_fresh_masks_per_iteration_and_the_sequence_advantage(tmp_path, method):
     assert len(sets) == 2 and sets[0] is not sets[1]
     assert counts["training_rows"] == 2 * len(kept) * 2 * per_draw
     assert not torch.equal(sets[0].input_ids, sets[1].input_ids)  # a fresh mask for each inner iteration
-    trained = orders.trained_positions(rollouts.sequences[:, P:], trainer.adapter.stop_token_ids, 1)
+    trained = orders.trained_positions(rollouts.sequences[:, P:], trainer.adapter.stop_token_ids, 1,
+                                       pad_token_id=trainer.adapter.pad_token_id)
     weights = wd1_weights(advantages, keep).flatten() * G if method == "wd1" else advantages.flatten()
     for rows in sets:
         assert rows.completion.tolist() == [c for c in kept for _ in range(2 * per_draw)]

@@ -59,7 +59,9 @@ def test_smoke_every_method(tmp_path, method):
         assert math.isfinite(m["loss"]) and m["loss"] > 0
         assert math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
         assert m["rows"] > 0 and m["supervised_tokens"] > 0 and m["lr"] == pytest.approx(1e-3)
-    rows_per_sample = {"agdo": 4, "left_to_right": 4, "blockwise": 2, "random": 2}[method]
+    # 3 answer digits + the end token (an ordinary response token, SPEC §4) + post_num=1 pad: 5 trained
+    # tokens, one step each; blockwise: 3 blocks of 2.
+    rows_per_sample = {"agdo": 5, "left_to_right": 5, "blockwise": 3, "random": 2}[method]
     assert all(m["rows"] == 4 * rows_per_sample for m in logged)
 
     changed = [name for name in initial if not torch.equal(initial[name], trained[name])]
@@ -87,7 +89,7 @@ def test_gradient_accumulation_equals_larger_batch(tmp_path, method):
     identical to the two micro-batches. AdamW is nearly invariant to the scale of the gradient, so the
     logged pre-clipping ``grad_norm`` and loss are compared too.
     """
-    rows = {"random": 2, "agdo": 4}[method]
+    rows = {"random": 2, "agdo": 5}[method]  # agdo: 3 digits + end token + 1 post_num pad, a step each
     # A moving schedule: a scheduler stepped per micro-batch instead of per optimizer step shows in lr.
     common = dict(method=method, max_steps=3, random_masks_per_sample=2, forward_batch_size=2 * rows,
                   lr_scheduler_type="cosine", warmup_steps=1)
@@ -229,7 +231,7 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     ddp_log, single_log = metrics(tmp_path / "ddp"), metrics(tmp_path / "single")
     assert [m["step"] for m in ddp_log] == [1, 2, 3]  # only the main process logs
     for a, b in zip(ddp_log, single_log, strict=True):
-        assert a["rows"] == b["rows"] == 16 and a["supervised_tokens"] == b["supervised_tokens"]
+        assert a["rows"] == b["rows"] == 20 and a["supervised_tokens"] == b["supervised_tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"]
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     assert (tmp_path / "ddp" / "checkpoint-2" / "random_states_1.pkl").is_file()  # both ranks saved RNG

@@ -43,7 +43,8 @@ def build_tiny_rl_run(num_problems: int = 8, model_seed: int = 0, pretrain_steps
     dataset = SFTDataset.from_records(problems, tokenizer, max_prompt_length=64, max_response_length=64)
     batch = collate_sft([dataset[i] for i in range(len(dataset))], pad_token_id=adapter.pad_token_id, post_num=1)
     P = batch["response_start"]
-    trained = orders.trained_positions(batch["input_ids"][:, P:], adapter.stop_token_ids, 1)
+    trained = orders.trained_positions(batch["input_ids"][:, P:], adapter.stop_token_ids, 1,
+                                       pad_token_id=adapter.pad_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(model_seed)
     for _ in range(pretrain_steps):

@@ -69,6 +69,7 @@ Verified against small local fixtures reproducing those layouts (``tests/fixture
 real checkpoints' code.
 """
 
+from ._capture import check_attention_heads, check_attention_layer
 from .adapter import AdapterOutput, DiffusionLMAdapter, load_adapter
 
-__all__ = ["load_adapter", "DiffusionLMAdapter", "AdapterOutput"]
+__all__ = ["load_adapter", "DiffusionLMAdapter", "AdapterOutput", "check_attention_layer", "check_attention_heads"]

@@ -619,7 +619,8 @@ class RLTrainer(Trainer):
         P, method = rollouts.response_start, config.method
         kept = keep.repeat_interleave(G).nonzero().squeeze(1).to(device)
         sequences, attention_mask = rollouts.sequences[kept], rollouts.attention_mask[kept]
-        trained = orders.trained_positions(sequences[:, P:], adapter.stop_token_ids, config.post_num)
+        trained = orders.trained_positions(sequences[:, P:], adapter.stop_token_ids, config.post_num,
+                                           pad_token_id=adapter.pad_token_id)
         A = advantages.flatten().to(device)[kept]
         row_extra = {"analysis_forward_passes": 0}
         # One random stream per response (and per inner iteration for fresh masks): rows do not depend on
@@ -718,7 +719,8 @@ class RLTrainer(Trainer):
         config, G, accelerator = self.config, self.config.num_generations, self.accelerator
         done = [u for u in updates if u is not None and "skipped_nonfinite" not in u]
         response_tokens = orders.trained_positions(rollouts.sequences[:, rollouts.response_start:],
-                                                   self.adapter.stop_token_ids, 0).sum(1)
+                                                   self.adapter.stop_token_ids, 0,
+                                                   pad_token_id=self.adapter.pad_token_id).sum(1)
         kept_responses = int(keep.sum()) * G
         delta_influence = extra.get("delta_influence", torch.zeros(0))
         sums = {

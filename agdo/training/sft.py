@@ -149,7 +149,8 @@ def _batch_order(config: SFTConfig, adapter, batch: dict, trained, epoch: int):
 def build_rows(config: SFTConfig, adapter, batch: dict, epoch: int) -> MaskedRows:
     """The masked rows of one batch; every sample's randomness comes from its own generator."""
     input_ids, attention_mask, P = batch["input_ids"], batch["attention_mask"], batch["response_start"]
-    trained = orders.trained_positions(input_ids[:, P:], adapter.stop_token_ids, config.post_num)
+    trained = orders.trained_positions(input_ids[:, P:], adapter.stop_token_ids, config.post_num,
+                                       pad_token_id=adapter.pad_token_id)
     if config.method != "random":
         steps, token_weights = _batch_order(config, adapter, batch, trained, epoch)
     per_sample = []
