@@ -468,6 +468,29 @@ def test_filter_overdenoising_keeps_prompts_right_in_the_middle_and_wrong_at_the
     assert "exactly one of `train_file`" in capsys.readouterr().err
 
 
+def test_filter_overdenoising_command_on_a_model_directory(tmp_path, capsys):
+    """The CLI end to end: a saved model, a prompt file; the printed counts add up to the prompts and the
+    written file holds exactly the over-denoising ones, as records the RL config reads."""
+    from agdo.cli import main
+    from agdo.data import read_task_jsonl
+    from train_worker import build_tiny_rl_run
+
+    adapter, prompts = build_tiny_rl_run(num_problems=16, pretrain_steps=60)
+    adapter.model.save_pretrained(tmp_path / "model")
+    adapter.tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    main(["filter-overdenoising", f"model_name_or_path={tmp_path / 'model'}", f"train_file={tmp_path / 'prompts.jsonl'}",
+          f"output_file={tmp_path / 'od.jsonl'}", "gen_length=3", "steps=3", "temperature=1.0", "reward_workers=0"])
+    printed = capsys.readouterr().out
+    parts = [part.split(": ") for part in printed.splitlines()[0].split(" | ")]  # "correct: 3 (18.8%) | ..."
+    counts = {name.strip(): int(rest.split()[0]) for name, rest in parts}
+    assert set(counts) == set(mdpo.CATEGORIES) and sum(counts.values()) == 16
+    assert counts["over_denoising"] > 0  # sampled at temperature 1, a weak model over-denoises now and then
+    kept = read_task_jsonl(tmp_path / "od.jsonl")
+    assert len(kept) == counts["over_denoising"] and all(record in prompts for record in kept)
+    assert f"wrote {counts['over_denoising']} over-denoising prompts" in printed
+
+
 # ------------------------------------------------------------------------------------ config
 
 
