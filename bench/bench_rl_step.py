@@ -57,6 +57,7 @@ def _adapter(case):
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(case["dtype"])
     try:
+        torch.manual_seed(0)  # the same random model for every method: same rollouts, same response lengths
         with torch.device(case["device"]):
             model = Qwen2ForCausalLM(config)
     finally:
