@@ -48,18 +48,21 @@ def step_rewards(score: ScoreFunction, records: Sequence[dict], predictions: tor
                          f"for {B} trajectories")
     lengths = live.sum(1)
     rewards = torch.full((B, T), float("nan"), dtype=torch.float64)
-    predictions = predictions.cpu()
-    texts, wanted, where = {}, {}, []  # texts: decoded once per distinct token sequence
-    for b in range(B):
-        for t in range(int(lengths[b]) - 1):
-            raw = predictions[t, b].numpy().tobytes()
-            if raw not in texts:
-                texts[raw] = decode(predictions[t, b])
-            key = (id(records[b]), texts[raw])
-            wanted.setdefault(key, (records[b], key[1]))
-            where.append((b, t, key))
-        if lengths[b] > 0:
-            rewards[b, int(lengths[b]) - 1] = float(final_rewards[b])
+    # Steps to score: every step but each row's last (its prediction is the final response). Identical
+    # predictions are decoded once (trajectories repeat a prediction over many steps).
+    scored = torch.arange(T)[None, :] < (lengths - 1)[:, None]  # (B, T)
+    rows, steps = scored.nonzero(as_tuple=True)
+    texts, inverse = [], torch.zeros(0, dtype=torch.long)
+    if len(rows):
+        unique, inverse = torch.unique(predictions.cpu()[steps, rows], dim=0, return_inverse=True)
+        texts = [decode(tokens) for tokens in unique]
+    wanted, where = {}, []
+    for b, t, u in zip(rows.tolist(), steps.tolist(), inverse.tolist()):
+        key = (id(records[b]), texts[u])
+        wanted.setdefault(key, (records[b], texts[u]))
+        where.append((b, t, key))
+    last = lengths > 0
+    rewards[last, (lengths - 1)[last]] = final_rewards[last].double().cpu()
     keys = list(wanted)
     scores = dict(zip(keys, score([wanted[k][0] for k in keys], [wanted[k][1] for k in keys]))) if keys else {}
     for b, t, key in where:
