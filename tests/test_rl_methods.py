@@ -18,11 +18,11 @@ import torch
 from agdo import orders
 from agdo.training import mdpo
 from agdo.training.masking import coupled_rows, mean_field_rows
-from agdo.training.rl import (RLConfig, RLRows, RLTrainer, _Clock, coupled_loss, group_advantages,
+from agdo.training.rl import (RLConfig, RLRows, _Clock, coupled_loss, group_advantages,
                               weighted_logp_loss, wd1_weights)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_rl import BASE, _one_step_trainer  # noqa: E402
+from test_rl import _one_step_trainer  # noqa: E402
 from training_helpers import fresh_accelerate, one_thread, script_forward  # noqa: E402,F401  (autouse fixtures)
 
 MASK = 99
@@ -509,5 +509,4 @@ def test_mdpo_trains_eight_steps_by_default_and_records_predictions():
     config = RLConfig(method="mdpo")
     assert config.steps_per_sample == 8 and config.sampler_config().return_predictions
     assert RLConfig(method="agdo").steps_per_sample is None and not RLConfig().sampler_config().return_predictions
-    assert RLTrainer.rows_per_unit == 1
-    assert BASE["max_completion_length"] == 3
+    assert RLConfig(method="mdpo", max_steps_per_sample=3).steps_per_sample == 3
