@@ -60,6 +60,28 @@ def test_order_rows_weights_and_step_cap():
         torch.testing.assert_close(rows.weights[r, 3:][supervised], expected)
 
 
+def test_order_rows_exact_rows_per_sample_cycle_the_steps():
+    # Blockwise with 2-token blocks: row 0 has 3 blocks, row 1 has 2; 7 rows each, every block at least 2x.
+    input_ids, attention_mask, trained = _batch()
+    steps = left_to_right_order(trained, step_size=2)
+    rows = order_rows(input_ids, attention_mask, response_start=3, steps=steps, mask_token_id=MASK,
+                      rows_per_sample=7, generator=torch.Generator().manual_seed(4))
+    assert rows.sample_index.bincount().tolist() == [7, 7]
+    for b, num in ((0, 3), (1, 2)):
+        counts = rows.step[rows.sample_index == b].bincount(minlength=num).tolist()
+        assert sorted(counts) == sorted([7 // num + (i < 7 % num) for i in range(num)])
+    for r in range(rows.input_ids.shape[0]):  # every row is still an Algorithm-2 row of its step
+        b, t = int(rows.sample_index[r]), int(rows.step[r])
+        row_steps, hidden = steps[b].long(), rows.input_ids[r, 3:] == MASK
+        supervised = rows.weights[r, 3:] > 0
+        assert hidden[(row_steps > t) | (row_steps < 0)].all() and not hidden[(row_steps < t) & (row_steps >= 0)].any()
+        assert supervised.any() and (supervised == (hidden & (row_steps == t))).all()
+    # Fewer rows than steps: a uniform subset, one row per chosen step.
+    rows = order_rows(input_ids, attention_mask, response_start=3, steps=steps, mask_token_id=MASK,
+                      rows_per_sample=1, generator=torch.Generator().manual_seed(5))
+    assert rows.sample_index.tolist() == [0, 1]
+
+
 def test_random_rows_follow_the_llada_recipe():
     input_ids, attention_mask, trained = _batch()
     rows = random_rows(input_ids, attention_mask, response_start=3, trained=trained, mask_token_id=MASK,

@@ -257,6 +257,8 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
         (dict(logging_steps=0), "logging_steps"),
         (dict(random_masks_per_sample=0), "random_masks_per_sample"),
         (dict(max_steps_per_sample=0), "max_steps_per_sample"),
+        (dict(order_rows_per_sample=0), "order_rows_per_sample"),
+        (dict(order_rows_per_sample=4, max_steps_per_sample=2), "at most one"),
         (dict(num_train_epochs=0), "num_train_epochs"),
         (dict(warmup_steps=-1), "warmup_steps"),
         (dict(post_num=-1), "post_num"),

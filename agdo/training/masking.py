@@ -68,6 +68,23 @@ def _choose_steps(steps: torch.Tensor, cap: Optional[int], generator) -> tuple[t
     return sample[keep], chosen[keep]
 
 
+def _repeat_steps(steps: torch.Tensor, rows: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sample, step) pairs: exactly ``rows`` per sample that has a trained step, its ``S`` steps cycled —
+    each step ``rows // S`` times plus a uniform subset of ``rows % S`` steps once more."""
+    samples, chosen = [], []
+    for b, num in enumerate((steps.max(-1).values.long() + 1).tolist()):
+        if num <= 0:
+            continue
+        subset = torch.rand(num, generator=generator, device=steps.device).argsort()[: rows % num]
+        picks = torch.cat([torch.arange(num, device=steps.device).repeat(rows // num), subset.sort().values])
+        samples.append(torch.full_like(picks, b))
+        chosen.append(picks)
+    if not chosen:
+        empty = torch.zeros(0, dtype=torch.long, device=steps.device)
+        return empty, empty
+    return torch.cat(samples), torch.cat(chosen)
+
+
 def order_rows(
     input_ids,
     attention_mask,
@@ -77,6 +94,7 @@ def order_rows(
     mask_token_id: int,
     token_weights=None,
     max_steps_per_sample: Optional[int] = None,
+    rows_per_sample: Optional[int] = None,
     mask_ratio=(0.1, 0.9),
     generator=None,
 ) -> MaskedRows:
@@ -86,8 +104,19 @@ def order_rows(
     ``p ~ U(mask_ratio)`` drawn per row (at least one) → ``M_sub``; every token of a later step is masked
     too. Supervised: ``M_sub`` with weight ``token_weights[k] / |M_sub|`` (``1 + gamma * I_k`` for AGDO,
     ones otherwise), so each row contributes the mean of Eq. 9 over its ``M_sub``.
+
+    Rows per sample: every step once (default), a uniform subset of at most ``max_steps_per_sample`` steps,
+    or exactly ``rows_per_sample`` rows with the steps cycled (:func:`_repeat_steps`; a step drawn twice gets
+    two independent ``M_sub``) — how a method with few steps (blockwise) trains as many rows as another.
     """
-    sample, step = _choose_steps(steps, max_steps_per_sample, generator)
+    if max_steps_per_sample is not None and rows_per_sample is not None:
+        raise ValueError("give at most one of `max_steps_per_sample` and `rows_per_sample`")
+    if rows_per_sample is not None:
+        if rows_per_sample < 1:
+            raise ValueError(f"`rows_per_sample` must be >= 1, got {rows_per_sample}")
+        sample, step = _repeat_steps(steps, rows_per_sample, generator)
+    else:
+        sample, step = _choose_steps(steps, max_steps_per_sample, generator)
     row_steps = steps[sample].long()
     current = row_steps == step[:, None]
     later = (row_steps > step[:, None]) | (row_steps < 0)

@@ -72,6 +72,9 @@ class SFTConfig(TrainingArguments):
     block_mode: str = "global"
     # Compute matching across methods: order steps per sample (uniform subset) vs random masks per sample.
     max_steps_per_sample: Optional[int] = None
+    # Order-based methods: exactly this many rows per sample, the steps cycled (e.g. blockwise with fewer
+    # blocks than another method's rows); excludes `max_steps_per_sample`.
+    order_rows_per_sample: Optional[int] = None
     random_masks_per_sample: int = 35
     mask_ratio_min: float = 0.1
     mask_ratio_max: float = 0.9
@@ -91,6 +94,11 @@ class SFTConfig(TrainingArguments):
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.max_steps_per_sample is not None and self.max_steps_per_sample < 1:
             raise ValueError(f"`max_steps_per_sample` must be >= 1 or null, got {self.max_steps_per_sample}")
+        if self.order_rows_per_sample is not None:
+            if self.order_rows_per_sample < 1:
+                raise ValueError(f"`order_rows_per_sample` must be >= 1 or null, got {self.order_rows_per_sample}")
+            if self.max_steps_per_sample is not None:
+                raise ValueError("give at most one of `max_steps_per_sample` and `order_rows_per_sample`")
         check_attention_layer(self.attention_layer)
         check_attention_heads(self.attention_heads)
         if self.ablation not in SFT_ABLATIONS:
@@ -166,6 +174,7 @@ def build_rows(config: SFTConfig, adapter, batch: dict, epoch: int) -> MaskedRow
                               mask_token_id=adapter.mask_token_id,
                               token_weights=None if token_weights is None else token_weights[one],
                               max_steps_per_sample=config.max_steps_per_sample,
+                              rows_per_sample=config.order_rows_per_sample,
                               mask_ratio=(config.mask_ratio_min, config.mask_ratio_max), generator=gen)
         per_sample.append(rows)
     return concat_rows(per_sample)
