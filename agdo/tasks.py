@@ -120,6 +120,27 @@ def addition_problems(count: int, *, digits: int, seed: int, exclude=frozenset()
     return problems
 
 
+def sudoku_problems(count: int, *, blanks: int, seed: int, exclude=frozenset()) -> list[dict]:
+    """``count`` distinct 4x4 Sudoku problems ``{prompt, response, answer}`` (none of them in ``exclude``), in
+    the compact digits-only format of this tokenizer: the prompt is the 16-digit puzzle (row-major, ``0`` for a
+    blank) then ``=``, the response the 16-digit solution. Every puzzle has a unique solution
+    (:func:`agdo.rewards.puzzles.generate_sudoku`), so an exact match is the right reward."""
+    from .rewards.puzzles import generate_sudoku
+
+    problems, seen, batch = [], set(exclude), 0
+    while len(problems) < count:
+        if batch > 100:
+            raise ValueError(f"cannot draw {count} distinct 4x4 Sudoku problems with {blanks} blanks")
+        for task in generate_sudoku(count, size=4, blanks=blanks, seed=seed * 1_000 + batch):
+            prompt = f"{task['puzzle']}="
+            if prompt in seen or len(problems) == count:
+                continue
+            seen.add(prompt)
+            problems.append({"prompt": prompt, "response": task["solution"], "answer": task["solution"]})
+        batch += 1
+    return problems
+
+
 def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
                      num_kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
     """A small bidirectional Llama (GQA 2:1) with random weights; ids come from the tokenizer."""
