@@ -893,8 +893,8 @@ def test_honest_solutions_of_every_value_type_score_one(sandbox_root):
     assert rewards == [1.0, (tests - 2) / tests, (tests - 1) / tests]
 
 
-def test_code_reward_fractions(sandbox_root):
-    source = """
+# A HumanEval-style check: setup lines, 4 scored asserts (one in a loop) and a free `assert True`.
+ADD_CHECK = """
 METADATA = {'author': 'test'}
 
 
@@ -908,6 +908,9 @@ def check(candidate):
     assert candidate(-1, 1) == 0
     assert True, "free point"
 """
+
+
+def test_code_reward_fractions(sandbox_root):
     completions = [
         "    return a + b\n",
         "    return abs(a) + b if a != -1 else 5\n",  # fails only the last test
@@ -916,7 +919,7 @@ def check(candidate):
         "    while True:\n        pass\n",
     ]
     n = len(completions)
-    rewards = code_reward(completions, prompt=[PROMPT] * n, test=[source] * n, entry_point=["add"] * n, limits=FAST)
+    rewards = code_reward(completions, prompt=[PROMPT] * n, test=[ADD_CHECK] * n, entry_point=["add"] * n, limits=FAST)
     assert rewards == [1.0, 0.75, 1.0, 0.25, 0.0]
 
 
@@ -954,21 +957,7 @@ def test_writes_inside_the_working_directory_are_bounded(sandbox_root):
 
 
 def test_split_humaneval_tests_keeps_setup_and_drops_free_asserts():
-    source = """
-METADATA = {'author': 'test'}
-
-
-def check(candidate):
-    import math
-    assert candidate(1, 2) == 3
-    assert candidate(0, 0) == 0
-    scale = 10
-    for i in range(3):
-        assert candidate(i, scale) == i + scale
-    assert candidate(-1, 1) == 0
-    assert True, "free point"
-"""
-    tests = split_humaneval_tests(source, "add")
+    tests = split_humaneval_tests(ADD_CHECK, "add")
     assert len(tests) == 4
     assert all(test.rstrip().endswith("check(add)") for test in tests)
     assert "scale = 10" in tests[2] and "import math" in tests[0]
