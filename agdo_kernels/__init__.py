@@ -9,6 +9,8 @@ Public calls (tensors in, tensors out; nothing here knows about models or traini
 - :func:`dense_steps` — the step numbering of any order: ``(block, rank)`` pairs → dense steps
 
 Every call takes ``backend="auto" | "torch" | "triton" | "cuda"``; see :func:`available_backends`.
+Triton launches use one pinned config per (kernel, dtype, head dim) unless :func:`set_deterministic`
+``(False)`` lets fp16/bf16 autotune (faster tiles, but the summation order may then differ between runs).
 
 Non-finite values (the same rule on every backend, applied here after the backend ran):
 
@@ -29,6 +31,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _backends, _checks
+from ._backends import deterministic, set_deterministic
 
 __all__ = [
     "valid_attention",
@@ -37,6 +40,8 @@ __all__ = [
     "greedy_order",
     "dense_steps",
     "available_backends",
+    "set_deterministic",
+    "deterministic",
     "ValidAttention",
     "ResponseAttention",
 ]
@@ -105,7 +110,9 @@ def valid_attention(
     s, out, lse = impl.valid_attention(
         q, k, v if return_output else None, unmasked, attention_mask, scale, bool(return_output), bool(return_lse)
     )
-    bad = _checks.nonfinite_rows(B, q, k, v if return_output else None, s, out, lse)
+    # O is not scanned: from finite inputs it is a convex mix of V rows, and an overflow of the logits
+    # already makes S non-finite.
+    bad = _checks.nonfinite_rows(B, q, k, v if return_output else None, s, lse)
     s, out, lse = _checks.poison_rows(bad, s, out, lse)
     if not (return_output or return_lse):
         return s

@@ -11,6 +11,26 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 # Ops with a compiled CUDA implementation in csrc/; the others use Triton on GPU.
 CUDA_OPS = ("greedy_order",)
 
+_deterministic = os.environ.get("AGDO_KERNELS_DETERMINISTIC", "1") not in ("", "0")
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Pinned launch configs (default) or autotuning for fp16/bf16.
+
+    The autotuner times every candidate tile and keeps the fastest, which can differ between runs, machines
+    and ranks — and the tile decides the summation order, so near-ties in S or I (and the greedy order built
+    on them) can flip. Pinned mode launches one fixed config per (kernel, dtype, head dim), the same on every
+    process, so two runs or two ranks compute bitwise-identical statistics. The trainers keep the default;
+    benchmarks may switch autotuning on. Environment default: ``AGDO_KERNELS_DETERMINISTIC=1``.
+    """
+    global _deterministic
+    _deterministic = bool(enabled)
+
+
+def deterministic() -> bool:
+    """Whether the Triton kernels launch pinned configs (see ``set_deterministic``)."""
+    return _deterministic
+
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

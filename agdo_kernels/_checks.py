@@ -146,21 +146,33 @@ def check_greedy(abar_rr, s0, valid):
 
 def nonfinite_rows(B: int, *tensors) -> torch.Tensor:
     """``(B,)`` bool: True for a batch row where any of ``tensors`` (leading dim ``B``; ``None`` skipped)
-    holds a NaN or an infinity. Runs on the tensors' device, no host sync."""
+    holds a NaN or an infinity. Runs on the tensors' device, no host sync.
+
+    One float64 row sum per tensor: a NaN or an infinity anywhere makes it non-finite (inf - inf is NaN),
+    while finite half/float32 values cannot overflow float64 — one read of each tensor, no bool copy.
+    float64 tensors (which could overflow their own sum) are checked element-wise."""
     bad = None
     for t in tensors:
         if t is None:
             continue
-        row_bad = ~torch.isfinite(t).reshape(B, -1).all(dim=1) if t.numel() else torch.zeros(B, dtype=torch.bool, device=t.device)
+        if not t.numel():
+            row_bad = torch.zeros(B, dtype=torch.bool, device=t.device)
+        elif t.dtype == torch.float64:
+            row_bad = ~torch.isfinite(t).reshape(B, -1).all(dim=1)
+        else:
+            row_bad = ~torch.isfinite(t.reshape(B, -1).sum(dim=1, dtype=torch.float64))
         bad = row_bad if bad is None else bad | row_bad
     return bad
 
 
 def poison_rows(bad: torch.Tensor, *outputs):
-    """``outputs`` with every element of the ``bad`` batch rows set to NaN (``None`` passes through)."""
+    """``outputs`` with every element of the ``bad`` batch rows set to NaN (``None`` passes through).
+
+    In place on the fresh outputs of a backend (no copy of a large ``O``), out of place under autograd."""
     result = []
     for t in outputs:
         if t is not None:
-            t = t.masked_fill(bad.reshape((-1,) + (1,) * (t.ndim - 1)), float("nan"))
+            row = bad.reshape((-1,) + (1,) * (t.ndim - 1))
+            t = t.masked_fill(row, float("nan")) if t.requires_grad else t.masked_fill_(row, float("nan"))
         result.append(t)
     return result

@@ -1,18 +1,42 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the CUDA extension, run every test that needs CUDA (bf16 kernels, the
-# CUDA greedy order), then every benchmark, and leave the Markdown ratio table in ${OUT:-.}/gpu_report.md.
-# Copy the figures into bench/RESULTS.md with the date, the device and this command.
+# CUDA greedy order), then every benchmark, and leave the Markdown ratio tables in ${OUT:-.}/gpu_report.md.
+# Each stage has its own time limit (seconds, arguments 1-3; defaults fit one 10-minute device call) so a
+# slow stage cannot swallow the others; logs go to ${OUT:-.}. Copy the figures into bench/RESULTS.md with
+# the date, the device and this command.
 #
-# The GPU machines have torch, triton, transformers and accelerate but no network: pybind11, math-verify,
-# matplotlib and pytest-benchmark may have to travel as wheels (see the device tool's README).
+# The GPU machines have torch, triton, transformers, accelerate, pytest-xdist and pytest-benchmark but no
+# network; math-verify is not needed by these stages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-.}"
+build_limit="${1:-100}" tests_limit="${2:-150}" bench_limit="${3:-200}"
 export PYTHONUNBUFFERED=1
+
+stage() {  # stage NAME LIMIT COMMAND...: run with a time limit, log to $out/NAME.log, print its tail
+    local name="$1" limit="$2" start=$SECONDS rc
+    shift 2
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    rc=$?
+    echo "== $name: exit $rc after $((SECONDS - start)) s (limit $limit s)"
+    tail -n 25 "$out/$name.log"
+}
+
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu_device.txt"
-AGDO_BUILD_CUDA=1 python3 -m pip install --no-deps --no-build-isolation -e . 2>&1 | tail -n 3
-python3 -c "import agdo_kernels, json; print(json.dumps(agdo_kernels.available_backends('cuda'), indent=1))"
-python3 -m pytest tests/test_valid_attention.py tests/test_influence.py tests/test_response_attention.py \
-    tests/test_greedy_order.py tests/test_triton_attention.py tests/test_models.py -q -ra 2>&1 | tee "$out/gpu_tests.log" | tail -n 25
-python3 -m pytest bench -q --bench-report "$out/gpu_report.md" 2>&1 | tee "$out/gpu_bench.log" | tail -n 5
+stage build "$build_limit" bash -c 'AGDO_BUILD_CUDA=1 python3 -m pip install --no-deps --no-build-isolation -e . &&
+    python3 -c "import agdo_kernels, json; print(json.dumps(agdo_kernels.available_backends(\"cuda\"), indent=1))"'
+stage gpu_tests "$tests_limit" python3 -m pytest -n 8 -q -ra tests/test_valid_attention.py tests/test_influence.py \
+    tests/test_response_attention.py tests/test_greedy_order.py tests/test_triton_attention.py
+# One pytest per benchmark file so a time-out loses one table, not all; the kernels' tables first; the CPU
+# cases are left to CPU runs.
+: >"$out/gpu_report.md"
+bench_start=$SECONDS
+for file in bench_attention bench_greedy_order bench_capture bench_decoding bench_sft_step bench_rl_step; do
+    left=$((bench_limit - (SECONDS - bench_start)))
+    [ "$left" -gt 10 ] || { echo "== $file: skipped, bench time used up" | tee -a "$out/gpu_bench.log"; continue; }
+    timeout "$left" python3 -m pytest "bench/$file.py" -q -k "not cpu" --bench-report "$out/$file.md" >>"$out/gpu_bench.log" 2>&1
+    echo "== $file: exit $?" | tee -a "$out/gpu_bench.log"
+    [ -f "$out/$file.md" ] && { cat "$out/$file.md" >>"$out/gpu_report.md"; rm "$out/$file.md"; }
+done
+tail -n 5 "$out/gpu_bench.log"
 cat "$out/gpu_report.md"

@@ -207,7 +207,7 @@ def test_influence_sum_without_masks_counts_every_row():
     probs, lse = naive_probs(q, k, None, 0.3)
     total = influence_sum(q, k, lse.float(), None, None, 0.3)
     torch.testing.assert_close(total.double(), probs.sum(2).mean(1), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(total.sum(-1).double(), torch.full((2,), 21.0, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(total.sum(-1).double().cpu(), torch.full((2,), 21.0, dtype=torch.float64), atol=1e-4, rtol=0)
 
 
 # (shape, padding, response_start, shift): R = 1, R crossing tiles, Dream-like GQA 7 with shift.

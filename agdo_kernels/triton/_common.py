@@ -8,12 +8,13 @@ and every program index is widened to int64 before it multiplies a stride (B*H*N
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import triton
 import triton.language as tl
 
-from .._backends import triton_interpreted
+from .._backends import deterministic, triton_interpreted
 
 LOG2E = math.log2(math.e)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -41,14 +42,38 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Interpreter runs (CPU tests) use one small tile: fast, and the autotuner never benchmarks.
+_INTERPRETER_CONFIG = (16, 16, 4, 1)
 def tuning_configs(gpu_configs):
-    """Autotuning candidates ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``; under the interpreter a single
-    small tile so CPU runs stay fast (one config means the autotuner never benchmarks)."""
+    """Autotuning candidates ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``; one small tile under the interpreter."""
+    configs = [_INTERPRETER_CONFIG] if triton_interpreted() else gpu_configs
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs]
+
+
+def pinned_config(gpu_configs, dtype: torch.dtype, head_dim: int) -> tuple:
+    """The config pinned for a launch: the list's first (preferred) tile for fp16/bf16 up to head dim 128,
+    the smallest tile for fp32 and head dim 256, the interpreter's tile under the interpreter. fp32 takes the
+    FMA path (no tensor cores), where big tiles spill registers and overflow shared memory."""
     if triton_interpreted():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu_configs
-    ]
+        return _INTERPRETER_CONFIG
+    if dtype == torch.float32 or head_dim > 128:
+        return min(gpu_configs, key=lambda c: (c[0] * c[1], c[3]))
+    return gpu_configs[0]
+
+
+def launch(kernel, grid, *args, gpu_configs, dtype: torch.dtype, head_dim: int, device: torch.device, **constexprs):
+    """Launch an autotuned kernel on ``device`` (whatever the current CUDA device is), pinned or autotuned.
+
+    fp32 and head dim 256 are always pinned to the smallest tile; fp16/bf16 up to head dim 128 autotune only
+    after ``agdo_kernels.set_deterministic(False)``.
+    """
+    guard = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+    with guard:
+        if deterministic() or dtype == torch.float32 or head_dim > 128 or triton_interpreted():
+            m, n, w, s = pinned_config(gpu_configs, dtype, head_dim)
+            kernel.fn[grid](*args, **constexprs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+        else:
+            kernel[grid](*args, **constexprs)
 
 
 def tuning_bucket(n: int) -> int:

@@ -25,6 +25,7 @@ from ._common import (
     as_bytes,
     check_supported,
     dot_precision,
+    launch,
     load_tile,
     lse_log2,
     real_keys,
@@ -98,10 +99,11 @@ def _influence_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(1).to(tl.int64)
+    tiles = tl.cdiv(N, BLOCK_N)  # one flat grid axis, key tiles of one head adjacent (see valid_attention)
+    bh = (tl.program_id(0) // tiles).to(tl.int64)
     b = bh // H
     h = bh % H
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(0) % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_base = k_ptr + b * stride_kb + (h // GROUP) * stride_kh
     k = load_tile(k_base, offs_n, N, stride_kn, tl.arange(0, HEAD_DIM), stride_kd, True)
     q_base = q_ptr + b * stride_qb + h * stride_qh
@@ -140,12 +142,14 @@ def influence_sum(q, k, lse, attention_mask, query_mask, scale):
     part = torch.empty(B, H, N, dtype=torch.float32, device=q.device)  # every element written
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]), B * H)
+        return (triton.cdiv(N, meta["BLOCK_N"]) * B * H,)
 
-    _influence_kernel[grid](
+    launch(
+        _influence_kernel, grid,
         q, k, lse2, key_mask if key_mask is not None else part, part,
         *q.stride(), *k.stride(),
         H, H // Hkv, N, tuning_bucket(N), scale * LOG2E,
         HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
+        gpu_configs=_GPU_CONFIGS, dtype=q.dtype, head_dim=d, device=q.device,
     )  # fmt: skip
     return part.sum(1) / H

@@ -18,6 +18,7 @@ from ._common import (
     as_bytes,
     check_supported,
     dot_precision,
+    launch,
     load_tile,
     lse_log2,
     real_keys,
@@ -105,10 +106,12 @@ def response_block(q, k, lse, response_start, attention_mask, shift, scale):
     def grid(meta):
         return (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_N"]), B)
 
-    _response_block_kernel[grid](
+    launch(
+        _response_block_kernel, grid,
         q, k, lse_log2(lse), key_mask if key_mask is not None else abar, abar,
         *q.stride(), *k.stride(),
         H, H // Hkv, N, R, tuning_bucket(R), response_start, response_start - int(shift), scale * LOG2E,
         HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
+        gpu_configs=_GPU_CONFIGS, dtype=q.dtype, head_dim=d, device=q.device,
     )  # fmt: skip
     return abar

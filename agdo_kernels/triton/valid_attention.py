@@ -22,6 +22,7 @@ from ._common import (
     as_bytes,
     check_supported,
     dot_precision,
+    launch,
     load_tile,
     real_keys,
     tuning_bucket,
@@ -133,11 +134,14 @@ def _valid_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(1).to(tl.int64)
+    # One flat grid axis (axis 1 caps at 65,535 programs): query tiles of one head are neighbours, so they
+    # share that head's K/V in L2.
+    tiles = tl.cdiv(N, BLOCK_M)
+    bh = (tl.program_id(0) // tiles).to(tl.int64)
     b = bh // H
     h = bh % H
     kv = h // GROUP
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (tl.program_id(0) % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     q = load_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, N, stride_qn, tl.arange(0, HEAD_DIM), stride_qd, True)
     k_base = k_ptr + b * stride_kb + kv * stride_kh
     v_base = v_ptr + b * stride_vb + kv * stride_vh
@@ -204,9 +208,10 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
     out_arg = out if return_output else s_part
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
 
-    _valid_attention_kernel[grid](
+    launch(
+        _valid_attention_kernel, grid,
         q, k, v_arg,
         key_mask if key_mask is not None else s_part,
         as_bytes(unmasked), s_part, out_arg,
@@ -216,6 +221,7 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
         H, H // Hkv, N, tuning_bucket(N), scale * LOG2E,
         HEAD_DIM=d, DV=dv, HAS_KEY_MASK=key_mask is not None,
         RETURN_OUTPUT=bool(return_output), RETURN_LSE=bool(return_lse), DOT_PRECISION=dot_precision(q.dtype),
+        gpu_configs=_GPU_CONFIGS, dtype=q.dtype, head_dim=d, device=device,
     )  # fmt: skip
     s = s_part.sum(1) / H
     return s, out, lse

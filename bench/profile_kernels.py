@@ -1,0 +1,68 @@
+"""Where the time of one statistics call goes on a GPU: kernels (device time) vs host overhead.
+
+``python bench/profile_kernels.py`` prints, per op and shape, the wall time of one call (synchronised),
+the summed device time of its kernels, and the torch profiler's table of those kernels. Wall time far
+above device time means the call is host-bound (Python checks, launches), which a model forward that
+keeps the GPU busy can hide but a lone call cannot. GPU only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import agdo_kernels
+
+MODELS = {"dream": (28, 4, 128)}
+SHAPES = [(8, 512), (1, 4096)]
+
+
+def inputs(B, N, model="dream"):
+    H, Hkv, d = MODELS[model]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, h, N, d, device="cuda", dtype=torch.bfloat16, generator=gen) for h in (H, Hkv, Hkv))
+    unmasked = torch.rand(B, N, device="cuda", generator=gen) < 0.5
+    return q, k, v, unmasked
+
+
+def wall_ms(fn, repeats=50):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def report(name, fn, repeats=10):
+    wall = wall_ms(fn)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_ms = sum(e.self_device_time_total for e in events) / repeats / 1e3
+    launches = sum(e.count for e in events) / repeats
+    print(f"\n## {name}: wall {wall:.3f} ms/call, device {device_ms:.3f} ms/call, {launches:.0f} kernels/call")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+
+
+def main():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for B, N in SHAPES:
+        q, k, v, unmasked = inputs(B, N)
+        lse = agdo_kernels.valid_attention(q, k, v, unmasked=unmasked, return_lse=True, backend="triton").lse
+        report(f"valid_attention S+O+lse B={B} N={N}",
+               lambda: agdo_kernels.valid_attention(q, k, v, unmasked=unmasked, return_output=True, return_lse=True,
+                                                    backend="triton"))
+        report(f"influence (lse given) B={B} N={N}", lambda: agdo_kernels.influence(q, k, lse=lse, backend="triton"))
+        report(f"sdpa flash B={B} N={N}",
+               lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+
+
+if __name__ == "__main__":
+    main()
