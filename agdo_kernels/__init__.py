@@ -88,7 +88,9 @@ def valid_attention(
     """Valid attention ``S_i = sum_{k in U} Abar[i, k]`` (AGDO Eq. 6), head-averaged, float32.
 
     Args:
-        q: ``(B, H, N, d)``; k, v: ``(B, Hkv, N, d)`` with ``H % Hkv == 0`` (GQA).
+        q: ``(B, H, Nq, d)``; k, v: ``(B, Hkv, N, d)`` with ``H % Hkv == 0`` (GQA) and ``Nq <= N``: the query
+            rows are the LAST ``Nq`` key positions (``Nq = N`` is ordinary self-attention; ``Nq < N`` is a
+            block decoded against cached keys, query row ``i`` being key ``N - Nq + i``).
         unmasked: bool ``(B, N)``, True where the key is in ``U``.
         attention_mask: bool ``(B, N)``, False at padding (keys get ``-inf``; padded rows get ``S = 0``).
         scale: softmax scale, default ``1/sqrt(d)``.
@@ -96,11 +98,12 @@ def valid_attention(
             natural-log row ``lse (B, H, N)`` from the same pass.
 
     Returns:
-        ``S (B, N)`` alone, or ``ValidAttention(s, out, lse)`` with ``None`` for what was not asked.
+        ``S (B, Nq)`` alone, or ``ValidAttention(s, out, lse)`` with ``None`` for what was not asked (``out``
+        ``(B, H, Nq, dv)``, ``lse (B, H, Nq)``).
         Rows without any real key give zeros (``lse = 0``), never NaN. A batch row with a NaN/inf input
         (or an overflow) is NaN in every output (module docstring).
     """
-    B, H, Hkv, N, d = _checks.check_qk(q, k, v)
+    B, H, Hkv, N, d = _checks.check_qk(q, k, v, fewer_queries=True)
     if return_output and v is None:
         raise ValueError("`v` is required when `return_output=True`")
     unmasked = _checks.check_mask(unmasked, "unmasked", B, N, q.device, required=True)

@@ -30,13 +30,22 @@ def check_tensor(t, name: str, ndim: int, layout: str, dtypes=FLOAT_DTYPES) -> t
     return t
 
 
-def check_qk(q, k, v=None):
-    """Validate attention inputs; returns ``(B, H, Hkv, N, d)``."""
+def check_qk(q, k, v=None, *, fewer_queries: bool = False):
+    """Validate attention inputs; returns ``(B, H, Hkv, N, d)`` with ``N`` the number of KEYS.
+
+    ``fewer_queries``: ``q`` may hold only the last ``Nq <= N`` positions (a block decoded against cached keys).
+    """
     check_tensor(q, "q", 4, "(B, H, N, d)")
     check_tensor(k, "k", 4, "(B, Hkv, N, d)")
-    B, H, N, d = q.shape
+    B, H, Nq, d = q.shape
+    N = k.shape[2] if fewer_queries else Nq
     if H == 0:
         raise ValueError(f"`q` must have at least one head, shape (B, H >= 1, N, d); got {tuple(q.shape)}")
+    if fewer_queries and k.shape[2] < Nq:
+        raise ValueError(
+            f"`k` must have shape (B, Hkv, N >= {Nq}, d): `q`'s {Nq} rows are the last keys (queries must be the "
+            f"last keys), got {tuple(k.shape)}"
+        )
     if k.shape[0] != B or k.shape[2] != N or k.shape[3] != d:
         raise ValueError(
             f"`k` must have shape (B={B}, Hkv, N={N}, d={d}) to match `q` {tuple(q.shape)}, "
@@ -148,19 +157,17 @@ def nonfinite_rows(B: int, *tensors) -> torch.Tensor:
     """``(B,)`` bool: True for a batch row where any of ``tensors`` (leading dim ``B``; ``None`` skipped)
     holds a NaN or an infinity. Runs on the tensors' device, no host sync.
 
-    One float64 row sum per tensor: a NaN or an infinity anywhere makes it non-finite (inf - inf is NaN),
-    while finite half/float32 values cannot overflow float64 — one read of each tensor, no bool copy.
-    float64 tensors (which could overflow their own sum) are checked element-wise."""
+    One min/max pass per tensor (NaN propagates through both, an infinity shows in one of them): no copy
+    of the tensor, no bool tensor of its size."""
     bad = None
     for t in tensors:
         if t is None:
             continue
-        if not t.numel():
-            row_bad = torch.zeros(B, dtype=torch.bool, device=t.device)
-        elif t.dtype == torch.float64:
-            row_bad = ~torch.isfinite(t).reshape(B, -1).all(dim=1)
+        if t.numel():
+            low, high = torch.aminmax(t.reshape(B, -1), dim=1)
+            row_bad = ~(torch.isfinite(low) & torch.isfinite(high))
         else:
-            row_bad = ~torch.isfinite(t.reshape(B, -1).sum(dim=1, dtype=torch.float64))
+            row_bad = torch.zeros(B, dtype=torch.bool, device=t.device)
         bad = row_bad if bad is None else bad | row_bad
     return bad
 

@@ -66,6 +66,39 @@ def test_matches_oracle(backend, shape, dtype, pattern, u_kind):
     assert ours_err <= 2 * sdpa_err + stat_tolerance(dtype), (ours_err, sdpa_err)
 
 
+@pytest.mark.parametrize("shape,Nq", [((2, 4, 1, 37, 32), 13), ((1, 7, 1, 70, 64), 70), ((2, 2, 2, 33, 16), 1)],
+                         ids=["gqa-13of37", "all-rows", "one-row"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_queries_that_are_the_last_keys_match_the_full_pass(backend, shape, Nq, dtype):
+    """``q`` with the last ``Nq`` rows only (a block against cached keys) = those rows of the full pass."""
+    B, H, Hkv, N, d = shape
+    q, k, v = random_qkv(B, H, Hkv, N, d, dtype, seed=3)
+    mask = padding_mask(B, N, "left")
+    unmasked = _unmasked(B, N, "random", seed=4)
+
+    res = agdo_kernels.valid_attention(
+        q[:, :, N - Nq :], k, v, unmasked=unmasked, attention_mask=mask, return_output=True, return_lse=True,
+        backend=backend,
+    )
+
+    abar = oracle_abar(q, k, mask)[:, N - Nq :]
+    expected_s = (abar * (unmasked & mask)[:, None, :]).sum(-1) * mask[:, N - Nq :]
+    assert res.s.shape == (B, Nq) and res.lse.shape == (B, H, Nq) and res.out.shape == (B, H, Nq, d)
+    torch.testing.assert_close(res.s.double(), expected_s, atol=stat_tolerance(dtype), rtol=0)
+    full = agdo_kernels.valid_attention(q, k, v, unmasked=unmasked, attention_mask=mask, return_output=True,
+                                        return_lse=True, backend=backend)
+    rows = mask[:, N - Nq :]
+    torch.testing.assert_close(res.lse[rows[:, None, :].expand_as(res.lse)],
+                               full.lse[:, :, N - Nq :][rows[:, None, :].expand_as(res.lse)], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res.out.double(), full.out[:, :, N - Nq :].double(), atol=stat_tolerance(dtype), rtol=0)
+
+
+def test_more_queries_than_keys_is_refused():
+    q, k, v = random_qkv(1, 2, 2, 9, 16)
+    with pytest.raises(ValueError, match="queries must be the last keys"):
+        agdo_kernels.valid_attention(q, k[:, :, :5], unmasked=torch.ones(1, 5, dtype=torch.bool, device=DEVICE))
+
+
 def test_float64_reference_is_exact():
     q, k, v = random_qkv(2, 4, 2, 45, 16, torch.float64)
     mask = padding_mask(2, 45, "both")

@@ -47,7 +47,9 @@ def _row_blocks(rows: torch.Tensor):
 
 
 def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, return_lse):
-    B, H, N, d = q.shape
+    """``(s, out, lse)``; ``q`` may hold only the last ``Nq`` of the ``N`` key positions (``(B, N)`` masks)."""
+    B, H, Nq, d = q.shape
+    N = k.shape[2]
     dtype = _compute_dtype(q.dtype)
     device = q.device
     qc, kc = q.to(dtype), k.to(dtype)
@@ -56,10 +58,10 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
     in_u = unmasked if attention_mask is None else unmasked & attention_mask
     in_u = in_u.to(dtype)[:, None, None, None, :]
 
-    s = torch.zeros(B, N, device=device, dtype=dtype)
-    out = torch.zeros(B, H, N, v.shape[-1], device=device, dtype=q.dtype) if return_output else None
-    lse = torch.zeros(B, H, N, device=device, dtype=dtype) if return_lse else None
-    for rows in _row_blocks(torch.arange(N, device=device)):
+    s = torch.zeros(B, Nq, device=device, dtype=dtype)
+    out = torch.zeros(B, H, Nq, v.shape[-1], device=device, dtype=q.dtype) if return_output else None
+    lse = torch.zeros(B, H, Nq, device=device, dtype=dtype) if return_lse else None
+    for rows in _row_blocks(torch.arange(Nq, device=device)):
         probs, block_lse = _block_probs(qc[:, :, rows], kc, bias, scale)
         m = rows.numel()
         s[:, rows] = (probs * in_u).sum(-1).reshape(B, H, m).mean(1)
@@ -70,7 +72,7 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
             block_lse = block_lse.reshape(B, H, m)
             lse[:, :, rows] = torch.where(torch.isneginf(block_lse), torch.zeros_like(block_lse), block_lse)
     if attention_mask is not None:
-        s = s * attention_mask
+        s = s * attention_mask[:, N - Nq :]
     return s, out, lse
 
 

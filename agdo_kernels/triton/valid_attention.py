@@ -67,6 +67,7 @@ def _attend_key_block(
     HAS_KEY_MASK: tl.constexpr,
     BOUNDARY: tl.constexpr,
     RETURN_OUTPUT: tl.constexpr,
+    COMPUTE_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Fold key block ``[start_n, start_n + BLOCK_N)`` into the running softmax state of the query tile."""
@@ -81,9 +82,10 @@ def _attend_key_block(
     ref = tl.where(new_max == float("-inf"), 0.0, new_max)
     alpha = tl.math.exp2(row_max - ref)
     p = tl.math.exp2(logits * qk_scale - ref[:, None])
-    in_u = tl.load(unmasked_row + offs_n, mask=offs_n < N, other=0).to(tl.float32)
     row_sum = row_sum * alpha + tl.sum(p, 1)
-    unmasked_sum = unmasked_sum * alpha + tl.sum(p * in_u[None, :], 1)
+    if COMPUTE_S:
+        in_u = tl.load(unmasked_row + offs_n, mask=offs_n < N, other=0).to(tl.float32)
+        unmasked_sum = unmasked_sum * alpha + tl.sum(p * in_u[None, :], 1)
     if RETURN_OUTPUT:
         v = load_tile(v_base, offs_n, N, stride_vn, tl.arange(0, DV), stride_vd, BOUNDARY)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -122,6 +124,7 @@ def _valid_attention_kernel(
     stride_od,
     H,
     GROUP,
+    N_Q,
     N,
     N_BUCKET,  # autotuning key only
     qk_scale,
@@ -130,19 +133,20 @@ def _valid_attention_kernel(
     HAS_KEY_MASK: tl.constexpr,
     RETURN_OUTPUT: tl.constexpr,
     RETURN_LSE: tl.constexpr,
+    COMPUTE_S: tl.constexpr,  # False only in bench/compile_report.py: the FlashAttention floor
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # One flat grid axis (axis 1 caps at 65,535 programs): query tiles of one head are neighbours, so they
     # share that head's K/V in L2.
-    tiles = tl.cdiv(N, BLOCK_M)
+    tiles = tl.cdiv(N_Q, BLOCK_M)
     bh = (tl.program_id(0) // tiles).to(tl.int64)
     b = bh // H
     h = bh % H
     kv = h // GROUP
     offs_m = (tl.program_id(0) % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = load_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, N, stride_qn, tl.arange(0, HEAD_DIM), stride_qd, True)
+    q = load_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, N_Q, stride_qn, tl.arange(0, HEAD_DIM), stride_qd, True)
     k_base = k_ptr + b * stride_kb + kv * stride_kh
     v_base = v_ptr + b * stride_vb + kv * stride_vh
     key_mask_row = key_mask_ptr + b * N
@@ -159,26 +163,27 @@ def _valid_attention_kernel(
         acc, row_sum, row_max, unmasked_sum = _attend_key_block(
             acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_mask_row, unmasked_row, start_n, N,
             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-            HEAD_DIM, DV, BLOCK_N, HAS_KEY_MASK, False, RETURN_OUTPUT, DOT_PRECISION,
+            HEAD_DIM, DV, BLOCK_N, HAS_KEY_MASK, False, RETURN_OUTPUT, COMPUTE_S, DOT_PRECISION,
         )  # fmt: skip
     if n_full < N:
         acc, row_sum, row_max, unmasked_sum = _attend_key_block(
             acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_mask_row, unmasked_row, n_full, N,
             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-            HEAD_DIM, DV, BLOCK_N, HAS_KEY_MASK, True, RETURN_OUTPUT, DOT_PRECISION,
+            HEAD_DIM, DV, BLOCK_N, HAS_KEY_MASK, True, RETURN_OUTPUT, COMPUTE_S, DOT_PRECISION,
         )  # fmt: skip
 
     # Rows without a real key have row_sum 0 (every p was exp2(-inf)): they report S = O = lse = 0.
     has_keys = row_sum > 0
     safe_sum = tl.where(has_keys, row_sum, 1.0)
-    rows_inside = offs_m < N
-    s_head = unmasked_sum / safe_sum
-    if HAS_KEY_MASK:  # padded query rows get S = 0 (their O and lse stay SDPA's)
-        s_head = tl.where(real_keys(key_mask_row, offs_m, N, True), s_head, 0.0)
-    tl.store(s_part_ptr + bh * N + offs_m, s_head, mask=rows_inside)
+    rows_inside = offs_m < N_Q
+    if COMPUTE_S:
+        s_head = unmasked_sum / safe_sum
+        if HAS_KEY_MASK:  # padded query rows get S = 0 (their O and lse stay SDPA's); row i is key N - N_Q + i
+            s_head = tl.where(real_keys(key_mask_row, offs_m + (N - N_Q), N, True), s_head, 0.0)
+        tl.store(s_part_ptr + bh * N_Q + offs_m, s_head, mask=rows_inside)
     if RETURN_LSE:
         lse = (row_max + tl.math.log2(safe_sum)) * 0.6931471805599453  # base 2 -> natural log
-        tl.store(lse_ptr + bh * N + offs_m, tl.where(has_keys, lse, 0.0), mask=rows_inside)
+        tl.store(lse_ptr + bh * N_Q + offs_m, tl.where(has_keys, lse, 0.0), mask=rows_inside)
     if RETURN_OUTPUT:
         out = acc / safe_sum[:, None]
         offs_dv = tl.arange(0, DV)
@@ -189,26 +194,26 @@ def _valid_attention_kernel(
 def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, return_lse):
     """Triton twin of ``reference.attention.valid_attention``: ``(s, out, lse)`` from one pass."""
     check_supported(q, v if return_output else None)
-    B, H, N, d = q.shape
-    Hkv = k.shape[1]
+    B, H, Nq, d = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
     dv = v.shape[-1] if return_output else d
     device = q.device
-    if B * H * N == 0:
-        s = torch.zeros(B, N, dtype=torch.float32, device=device)
-        out = torch.zeros(B, H, N, dv, dtype=q.dtype, device=device) if return_output else None
-        lse = torch.zeros(B, H, N, dtype=torch.float32, device=device) if return_lse else None
+    if B * H * Nq == 0:
+        s = torch.zeros(B, Nq, dtype=torch.float32, device=device)
+        out = torch.zeros(B, H, Nq, dv, dtype=q.dtype, device=device) if return_output else None
+        lse = torch.zeros(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
         return s, out, lse
 
-    # The kernel writes every element of these (each row once, masked only past N).
-    s_part = torch.empty(B, H, N, dtype=torch.float32, device=device)
-    out = torch.empty(B, H, N, dv, dtype=q.dtype, device=device) if return_output else None
-    lse = torch.empty(B, H, N, dtype=torch.float32, device=device) if return_lse else None
+    # The kernel writes every element of these (each row once, masked only past Nq).
+    s_part = torch.empty(B, H, Nq, dtype=torch.float32, device=device)
+    out = torch.empty(B, H, Nq, dv, dtype=q.dtype, device=device) if return_output else None
+    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
     key_mask = as_bytes(attention_mask)
     v_arg = v if return_output else k  # unused stand-ins keep the signature fixed
     out_arg = out if return_output else s_part
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
+        return (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)
 
     launch(
         _valid_attention_kernel, grid,
@@ -218,9 +223,10 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
         lse if return_lse else s_part,
         *q.stride(), *k.stride(), *v_arg.stride(),
         *(out.stride() if return_output else (0, 0, 0, 0)),
-        H, H // Hkv, N, tuning_bucket(N), scale * LOG2E,
+        H, H // Hkv, Nq, N, tuning_bucket(N), scale * LOG2E,
         HEAD_DIM=d, DV=dv, HAS_KEY_MASK=key_mask is not None,
-        RETURN_OUTPUT=bool(return_output), RETURN_LSE=bool(return_lse), DOT_PRECISION=dot_precision(q.dtype),
+        RETURN_OUTPUT=bool(return_output), RETURN_LSE=bool(return_lse), COMPUTE_S=True,
+        DOT_PRECISION=dot_precision(q.dtype),
         gpu_configs=_GPU_CONFIGS, dtype=q.dtype, head_dim=d, device=device,
     )  # fmt: skip
     s = s_part.sum(1) / H
