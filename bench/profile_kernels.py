@@ -3,7 +3,8 @@
 ``python bench/profile_kernels.py`` prints, per op and shape, the wall time of one call (synchronised),
 the summed device time of its kernels, and the torch profiler's table of those kernels. Wall time far
 above device time means the call is host-bound (Python checks, launches), which a model forward that
-keeps the GPU busy can hide but a lone call cannot. GPU only.
+keeps the GPU busy can hide but a lone call cannot. GPU only; the package must be installed
+(``bench/run_gpu.sh`` installs it and runs this script).
 """
 
 from __future__ import annotations

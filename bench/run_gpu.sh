@@ -27,6 +27,7 @@ stage build "$build_limit" bash -c 'AGDO_BUILD_CUDA=1 python3 -m pip install --n
     python3 -c "import agdo_kernels, json; print(json.dumps(agdo_kernels.available_backends(\"cuda\"), indent=1))"'
 stage gpu_tests "$tests_limit" python3 -m pytest -n 8 -q -ra tests/test_valid_attention.py tests/test_influence.py \
     tests/test_response_attention.py tests/test_greedy_order.py tests/test_triton_attention.py
+stage profile 60 python3 bench/profile_kernels.py
 # One pytest per benchmark file so a time-out loses one table, not all; the kernels' tables first; the CPU
 # cases are left to CPU runs.
 : >"$out/gpu_report.md"
