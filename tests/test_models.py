@@ -12,9 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from agdo.models import AdapterOutput, load_adapter
+from agdo.models import AdapterOutput, _compat, load_adapter
 from agdo.models._families import position_ids_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -51,10 +53,51 @@ def remote_model_dir(root: Path, name: str, *, seed: int = 0, **config_changes) 
     if config_changes:
         config_file = directory / "config.json"
         config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **config_changes}))
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=True, local_files_only=True)
-    torch.manual_seed(seed)
-    AutoModel.from_config(config, trust_remote_code=True).save_pretrained(directory)
+    write_random_weights(directory, seed)
     return directory
+
+
+def pre_october_llada_dir(root: Path, *, seed: int = 0) -> Path:
+    """``tiny_llada`` as LLaDA's modeling file was before October 2025: every block calls SDPA with
+    ``attn_mask=None``, whatever mask it was given (the only difference)."""
+    directory = root / "tiny_llada_pre_oct2025"
+    shutil.copytree(FIXTURES / "tiny_llada", directory)
+    modeling = directory / "modeling_llada.py"
+    source = modeling.read_text()
+    call = "F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,"
+    assert source.count(call) == 1, "the LLaDA fixture's SDPA call changed: update pre_october_llada_dir"
+    modeling.write_text(source.replace(call, call.replace("attn_mask=attn_mask", "attn_mask=None")))
+    write_random_weights(directory, seed)
+    return directory
+
+
+def remote_model_class(directory: Path):
+    """The model class of a checkpoint directory, loaded by path with the adapter's class repairs (the
+    published code cannot even be built on transformers 5 without them)."""
+    reference = json.loads((directory / "config.json").read_text())["auto_map"]["AutoModel"]
+    model_class = get_class_from_dynamic_module(reference, str(directory), local_files_only=True)
+    _compat.repair_classes(model_class)
+    return model_class
+
+
+def write_random_weights(directory: Path, seed: int) -> None:
+    """``model.safetensors`` beside the published-layout config and code: every linear / embedding weight
+    (and bias) drawn from N(0, 0.2²) with ``seed``, whatever the code's own initialisation."""
+    model_class = remote_model_class(directory)
+    model = model_class(model_class.config_class.from_pretrained(directory))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                for weight in (module.weight, getattr(module, "bias", None)):
+                    if weight is not None:
+                        weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():  # a tied weight under its first name (the embedding)
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            state[name] = tensor.contiguous()
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +150,16 @@ def last_layer_probabilities(adapter, input_ids, attention_mask):
         q, k = recorded["q"].double(), recorded["k"].double()
         logits = q @ k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).transpose(-1, -2) / q.shape[-1] ** 0.5
         return torch.softmax(logits.masked_fill(~attention_mask[:, None, None, :], float("-inf")), dim=-1)
+    B, N = attention_mask.shape  # noqa: N806  (the batch's own sizes, not this module's)
     positions = position_ids_for(attention_mask)
+    # A 4D key-padding bias: transformers 4.x would turn a 2D mask of a generic model into a causal one.
+    bias = torch.zeros(B, 1, 1, N).masked_fill(~attention_mask[:, None, None, :], float("-inf")).expand(B, 1, N, N)
     if family == "dream":  # its SDPA class falls back to eager for output_attentions
-        bias = torch.zeros(B, 1, 1, N).masked_fill(~attention_mask[:, None, None, :], float("-inf"))
-        out = model(input_ids, attention_mask=bias.expand(B, 1, N, N), position_ids=positions, output_attentions=True)
+        out = model(input_ids, attention_mask=bias, position_ids=positions, output_attentions=True)
     else:
         eager = copy.deepcopy(model)
         eager.set_attn_implementation("eager")
-        out = eager(input_ids, attention_mask=attention_mask.long(), position_ids=positions, output_attentions=True)
+        out = eager(input_ids, attention_mask=bias, position_ids=positions, output_attentions=True)
     return out.attentions[-1].double()
 
 
@@ -175,7 +220,9 @@ def test_logits_with_capture_equal_plain_forward_and_are_token_aligned(adapters,
     for request in (dict(unmasked=unmasked), dict(response_start=P, influence_query_mask=queries)):
         captured = adapter.forward(input_ids, attention_mask, **request)
         assert torch.equal(captured.logits, plain.logits)  # bitwise: Max-S and Max-Prob see the same logits
-    raw = adapter.model(input_ids).logits  # no padding: the model's own rows, for the alignment check
+    # No padding: the model's own rows, for the alignment check. Without use_cache=False, transformers 4.x
+    # builds a causal mask for a generic model that has a KV cache.
+    raw = adapter.model(input_ids, use_cache=False).logits
     aligned = adapter.forward(input_ids).logits
     torch.testing.assert_close(adapter.token_logits(raw), aligned)
     if SHIFTED[case]:

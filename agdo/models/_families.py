@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import _compat
 from ._capture import LayerCapture
 
 # Used ONLY where the config / generation config / tokenizer lack the field. These are the values the
@@ -239,7 +240,10 @@ class DreamFamily:
     layer_attention = staticmethod(layer_self_attention)
     last_attention = staticmethod(last_self_attention)
 
-    model_inputs = staticmethod(key_padding_inputs)
+    @staticmethod
+    def model_inputs(model, input_ids, attention_mask):
+        # Dream's published config enables a KV cache, which its forward would build and fill every call.
+        return {**key_padding_inputs(model, input_ids, attention_mask), "use_cache": False}
 
     @staticmethod
     @contextmanager
@@ -320,7 +324,15 @@ class LLaDAFamily:
 
     @staticmethod
     def model_inputs(model, input_ids, attention_mask):
-        return dict(input_ids=input_ids, attention_mask=None if attention_mask is None else attention_mask.long())
+        if attention_mask is not None:  # padded: refused where the model's code would attend to the pads
+            _compat.require_padding_mask(model)
+        # Every published LLaDAModelLM.forward takes use_cache (None: read from the config, where
+        # transformers 5 may have dropped it); LLaDA has no KV cache.
+        return dict(
+            input_ids=input_ids,
+            attention_mask=None if attention_mask is None else attention_mask.long(),
+            use_cache=False,
+        )
 
     @staticmethod
     @contextmanager

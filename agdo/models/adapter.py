@@ -9,8 +9,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from . import _families
+from . import _compat, _families
 from ._capture import LayerCapture, StatisticsRequest, resolve_heads, resolve_layer
+from ._padded_attention import check_padded_attention, padded_attention_route
 
 INFLUENCE_NORMS = ("sum", "mean", "max")
 
@@ -36,7 +37,9 @@ class DiffusionLMAdapter:
     ``eos_token_ids`` (tuple), ``shift`` (True: position ``i-1`` predicts token ``i``), ``num_heads``,
     ``num_kv_heads``, ``head_dim`` (every layer), ``num_layers``, ``device``, ``vocab_size``,
     ``stop_token_ids`` (EOS + pad),
-    and ``kernel_backend`` (the ``agdo_kernels`` backend for the statistics, default ``"auto"``).
+    ``kernel_backend`` (the ``agdo_kernels`` backend for the statistics, default ``"auto"``) and
+    ``padded_attention`` (how every layer attends in a padded batch, default ``"mask"``; see
+    ``agdo.models._padded_attention``).
     ``token_logits(raw)`` aligns the logits of a direct ``model(...)`` call; prefer ``forward``, which also
     builds the bidirectional padding mask and the position ids.
     """
@@ -52,6 +55,7 @@ class DiffusionLMAdapter:
         shift: bool,
         tokenizer=None,
         kernel_backend: str = "auto",
+        padded_attention: str = "mask",
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -62,6 +66,7 @@ class DiffusionLMAdapter:
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
         self.shift = bool(shift)
         self.kernel_backend = kernel_backend
+        self.padded_attention = check_padded_attention(padded_attention)
         self._target = self._family.last_attention(model)  # fails early, with the reason, if not hookable
         self._targets = {}  # resolved layer index -> hooked module (the last one checked above)
         self.num_layers = int(self._family.num_layers(model))
@@ -125,8 +130,11 @@ class DiffusionLMAdapter:
 
         runner = self.model if model is None else model
         inputs = self._family.model_inputs(self.model, input_ids, attention_mask)
+        # Entered before the statistics hook, so that the hooked layer's own output is padding-free too.
+        padded_route = padded_attention_route(self.family, self.model, attention_mask, self.padded_attention)
         if unmasked is None and response_start is None and influence_query_mask is None:
-            return AdapterOutput(self.token_logits(runner(**inputs).logits))
+            with padded_route:
+                return AdapterOutput(self.token_logits(runner(**inputs).logits))
 
         request = StatisticsRequest(
             attention_mask=attention_mask,
@@ -141,7 +149,7 @@ class DiffusionLMAdapter:
             layer=layer,
         )
         capture = LayerCapture(request, where=f"{type(self.model).__name__} ({self.family} adapter, layer {layer})")
-        with self._family.hook(self._layer_target(layer), capture):
+        with padded_route, self._family.hook(self._layer_target(layer), capture):
             logits = runner(**inputs).logits
         statistics = capture.result()
         s = None
@@ -215,14 +223,16 @@ def _check_mask(mask, name: str, B: int, N: int, device) -> Optional[torch.Tenso
 
 
 def load_adapter(
-    model_or_path, *, family: str = "auto", tokenizer=None, **from_pretrained_kwargs
+    model_or_path, *, family: str = "auto", tokenizer=None, padded_attention: str = "mask", **from_pretrained_kwargs
 ) -> DiffusionLMAdapter:
     """Wrap a built ``PreTrainedModel`` or load one from a LOCAL directory (never the hub).
 
     ``family`` in ``("auto", "generic", "dream", "llada")``; ``"auto"`` reads ``config.model_type`` /
-    ``architectures``. Dream and LLaDA load with ``trust_remote_code=True`` (their code is in the
-    directory). Ids come from the config, then the generation config, then the tokenizer, then the
-    family defaults (see ``_families.FAMILY_DEFAULTS``). ``shift`` comes from ``config.diffusion_shift``
+    ``architectures``. Dream and LLaDA run the code in the directory (``trust_remote_code``), loaded by
+    path (never another checkpoint's classes from transformers' Auto registry) and repaired where the
+    published files fail on this transformers version; a built model gets the same repairs and checks
+    (``agdo.models._compat``), and a LLaDA whose code ignores the padding mask refuses padded batches.
+    Ids come from the config, then the generation config, then the tokenizer, then the family defaults (see ``_families.FAMILY_DEFAULTS``). ``shift`` comes from ``config.diffusion_shift``
     when present, otherwise from the family (Dream shifted; LLaDA and generic not).
     """
     choices = ("auto",) + tuple(_families.FAMILIES)
@@ -235,10 +245,12 @@ def load_adapter(
         if family == "auto":
             family = _families.detect_family(_RawConfig(path))
         model, tokenizer = _load_from_directory(path, family, tokenizer, from_pretrained_kwargs)
+        directory = path
     elif isinstance(model_or_path, nn.Module) and hasattr(model_or_path, "config"):
         if from_pretrained_kwargs:
             raise TypeError(f"from_pretrained kwargs {sorted(from_pretrained_kwargs)} need a path, not a built model")
         model = model_or_path
+        directory = None
         if family == "auto":
             family = _families.detect_family(model.config)
     else:
@@ -246,6 +258,7 @@ def load_adapter(
             f"`model_or_path` must be a PreTrainedModel or a local directory, got {type(model_or_path).__name__}"
         )
 
+    _compat.repair_model(model, family, directory)
     defaults = _families.FAMILY_DEFAULTS[family]
     eos_token_ids = _eos_token_ids(model, tokenizer, defaults)
     mask_token_id = _first_id(model, tokenizer, "mask_token_id", defaults)
@@ -260,7 +273,7 @@ def load_adapter(
             raise ValueError("no pad token id and no EOS id to pad with: set `config.pad_token_id`")
         pad_token_id = eos_token_ids[0]
     shift = getattr(model.config, "diffusion_shift", None)
-    return DiffusionLMAdapter(
+    adapter = DiffusionLMAdapter(
         model,
         family=family,
         tokenizer=tokenizer,
@@ -268,7 +281,13 @@ def load_adapter(
         pad_token_id=pad_token_id,
         eos_token_ids=eos_token_ids,
         shift=defaults["shift"] if shift is None else shift,
+        padded_attention=padded_attention,
     )
+    if family == "llada":  # the LLaDA files from before October 2025 ignore the padding mask
+        _compat.probe_padding_mask(
+            model, _families.LLaDAFamily.blocks(model), adapter.num_heads, adapter.num_kv_heads, adapter.head_dim
+        )
+    return adapter
 
 
 class _RawConfig:
@@ -285,19 +304,21 @@ class _RawConfig:
 
 
 def _load_from_directory(path: str, family: str, tokenizer, kwargs: dict):
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs.setdefault("local_files_only", True)
-    if family in ("dream", "llada"):
-        kwargs.setdefault("trust_remote_code", True)  # their modeling code ships in the directory
-    auto_class = AutoModelForCausalLM if family == "generic" else AutoModel
-    model = auto_class.from_pretrained(path, **kwargs)
+    if family == "generic":
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        trust_remote_code = kwargs.get("trust_remote_code", False)
+    else:  # Dream / LLaDA: the modeling code ships in the directory; built by it, repaired for this transformers
+        model = _compat.load_remote_model(path, kwargs)
+        trust_remote_code = True
     has_tokenizer = any(
         os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "tokenizer_config.json")
     )
     if tokenizer is None and has_tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(
-            path, local_files_only=True, trust_remote_code=kwargs.get("trust_remote_code", False)
+            path, local_files_only=True, trust_remote_code=trust_remote_code
         )
     return model, tokenizer
 
