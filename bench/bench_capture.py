@@ -7,6 +7,12 @@ Variants, same model and batch:
 - ``eager_attentions``: the model switched to eager with ``output_attentions=True``, ``S`` from the returned
   last-layer probabilities (what one would do without the adapter).
 
+Padded batches (``test_padded_batch``; half the rows left-padded by 25% / 50%): the adapter's
+``padded_attention`` routes — ``mask`` (the model's masked SDPA in every layer, the baseline), ``nested``
+(jagged SDPA, no mask) and ``varlen`` (flash-attn, else torch's own varlen kernel, named in the note;
+CUDA only) — for a forward (``logits``), a forward with ``S`` (``capture``) and a forward + backward
+(``train``).
+
 Time and peak memory come from the ``measure`` fixture (bench/conftest.py). Cases: a tiny model on
 CPU, and on a GPU (skipped without one) a Dream-shaped bf16 model: the real last-layer shape (H=28,
 Hkv=4, d=128, hidden 3584, vocab 152064) with few layers, so that random init is quick. Capture costs
@@ -16,6 +22,7 @@ one layer's attention statistics whatever the depth, so its share of a 28-layer 
 Run: ``pytest bench/bench_capture.py``.
 """
 
+import copy
 from contextlib import contextmanager
 
 import pytest
@@ -24,8 +31,11 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import agdo_kernels
 from agdo.models import load_adapter
+from agdo.models._padded_attention import flash_varlen_function, torch_varlen_function
 
 VARIANTS = ["sdpa", "capture", "eager_attentions"]
+PADDED_ROUTES = ["mask", "nested", "varlen"]
+PADDED_MODES = ["logits", "capture", "train"]
 
 CASES = {
     "cpu-tiny": dict(
@@ -100,22 +110,75 @@ def make_step(adapter, variant, case):
     return {"sdpa": sdpa, "capture": capture, "eager_attentions": eager_attentions}[variant]
 
 
+def make_padded_step(adapter, route, mode, case):
+    """One step on a batch whose first half of rows is left-padded by 25% / 50% (alternately)."""
+    gen = torch.Generator().manual_seed(0)
+    B, N = case["batch"], case["length"]
+    input_ids = torch.randint(1, case["vocab"] - 1, (B, N), generator=gen).to(case["device"])
+    attention_mask = torch.ones(B, N, dtype=torch.bool, device=case["device"])
+    for row in range(B // 2):
+        attention_mask[row, : N // 4 * (1 + row % 2)] = False
+    unmasked = (torch.rand(B, N, generator=gen) < 0.5).to(case["device"])
+    routed = copy.copy(adapter)  # same model and hooks, another route
+    routed.padded_attention = route
+
+    def logits():
+        with torch.no_grad():
+            return routed.forward(input_ids, attention_mask).logits
+
+    def capture():
+        with torch.no_grad():
+            return routed.forward(input_ids, attention_mask, unmasked=unmasked).s
+
+    def train():
+        out = routed.forward(input_ids, attention_mask).logits
+        (out.float().logsumexp(-1) * attention_mask).sum().backward()
+        adapter.model.zero_grad(set_to_none=True)
+
+    return {"logits": logits, "capture": capture, "train": train}[mode]
+
+
 _ADAPTERS = {}
+
+
+def case_adapter(case_name):
+    """The case's adapter (one model alive at a time); skips a CUDA case without a CUDA device."""
+    case = CASES[case_name]
+    if case["device"] == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if case_name not in _ADAPTERS:
+        _ADAPTERS.clear()
+        _ADAPTERS[case_name] = build_adapter(case)
+    return _ADAPTERS[case_name]
+
+
+def shape_of(case):
+    return f"B={case['batch']} N={case['length']} H={case['heads']} Hkv={case['kv_heads']}"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_capture_overhead(measure, case_name, variant):
     case = CASES[case_name]
-    if case["device"] == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    if case_name not in _ADAPTERS:
-        _ADAPTERS.clear()  # one model alive at a time
-        _ADAPTERS[case_name] = build_adapter(case)
-    adapter = _ADAPTERS[case_name]
+    adapter = case_adapter(case_name)
     step = make_step(adapter, variant, case)
     with torch.no_grad():
         measure(step, group=f"capture: {case_name}", impl=variant, baseline=variant == "sdpa",
                 rounds=5 if case["device"] == "cpu" else 10, kernel_backend=adapter.kernel_backend,
-                layers=case["layers"],
-                shape=f"B={case['batch']} N={case['length']} H={case['heads']} Hkv={case['kv_heads']}")
+                layers=case["layers"], shape=shape_of(case))
+
+
+@pytest.mark.parametrize("route", PADDED_ROUTES)
+@pytest.mark.parametrize("mode", PADDED_MODES)
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_padded_batch(measure, case_name, mode, route):
+    case = CASES[case_name]
+    note = None
+    if route == "varlen":
+        if case["device"] != "cuda" or (flash_varlen_function() or torch_varlen_function()) is None:
+            pytest.skip("varlen needs CUDA and flash-attn (`pip install agdo[flash]`) or torch >= 2.11")
+        note = "flash-attn" if flash_varlen_function() else "torch varlen_attn"
+    adapter = case_adapter(case_name)
+    measure(make_padded_step(adapter, route, mode, case), group=f"padded batch, {mode}: {case_name}", impl=route,
+            baseline=route == "mask", rounds=5 if case["device"] == "cpu" else 10, note=note, layers=case["layers"],
+            shape=shape_of(case))

@@ -19,6 +19,14 @@ Conventions
 - Padding: ``attention_mask`` False masks the KEY everywhere (bidirectional); positions count real
   tokens only (left padding does not move RoPE), as ``generate`` does for generic and Dream models.
   LLaDA takes the 2D mask itself and uses absolute positions (its code has no position ids).
+- How a padded batch attends (``load_adapter(..., padded_attention=...)``, or the adapter attribute):
+  ``"mask"`` (default) keeps the model's own 4D-masked attention in every layer; ``"varlen"`` packs each
+  layer's real tokens for a varlen flash kernel (flash-attn: ``pip install agdo[flash]``; else torch's own
+  ``varlen_attn`` on CUDA); ``"nested"`` runs SDPA on jagged nested tensors; ``"auto"`` = ``"varlen"`` on
+  CUDA in fp16/bf16 with flash-attn installed, else ``"mask"``. Every route gives the same logits of real
+  rows, statistics and gradients (to rounding); a batch without padding always takes the model's own path.
+  Neither torch route was faster than the mask where measured (CPU; H200 at N = 1024): see
+  ``_padded_attention``. Bad values raise ``ValueError`` naming the argument.
 - Which attention (SPEC §4, ablations of the arXiv paper, Tables 5-6): ``attention_layer`` = ``"last"``
   (default; the paper's choice), ``"first"``, ``"middle"`` (index ``num_layers // 2``, 0-based) or an int
   index (negative counts from the end, Python style); ``attention_heads`` = ``"all"`` (default: ``Abar``
