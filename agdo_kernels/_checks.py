@@ -157,19 +157,16 @@ def nonfinite_rows(B: int, *tensors) -> torch.Tensor:
     """``(B,)`` bool: True for a batch row where any of ``tensors`` (leading dim ``B``; ``None`` skipped)
     holds a NaN or an infinity. Runs on the tensors' device, no host sync.
 
-    One min/max pass per tensor (NaN propagates through both, an infinity shows in one of them): no copy
-    of the tensor, no bool tensor of its size."""
-    bad = None
+    One min/max pass per tensor (NaN propagates through both, an infinity shows in one of them), then one
+    finiteness test over all of them: no copy of a tensor, few launches (this runs on every call)."""
+    extremes = []
     for t in tensors:
-        if t is None:
-            continue
-        if t.numel():
-            low, high = torch.aminmax(t.reshape(B, -1), dim=1)
-            row_bad = ~(torch.isfinite(low) & torch.isfinite(high))
-        else:
-            row_bad = torch.zeros(B, dtype=torch.bool, device=t.device)
-        bad = row_bad if bad is None else bad | row_bad
-    return bad
+        if t is not None and t.numel():
+            extremes += [e.double() for e in torch.aminmax(t.reshape(B, -1), dim=1)]
+    if not extremes:
+        device = next((t.device for t in tensors if t is not None), None)
+        return torch.zeros(B, dtype=torch.bool, device=device)
+    return ~torch.isfinite(torch.stack(extremes)).all(dim=0)
 
 
 def poison_rows(bad: torch.Tensor, *outputs):
