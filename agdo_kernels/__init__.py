@@ -56,6 +56,7 @@ class ValidAttention(NamedTuple):
 class ResponseAttention(NamedTuple):
     s0: torch.Tensor
     abar_rr: torch.Tensor
+    lse: torch.Tensor
 
 
 def available_backends(device="cuda") -> dict:
@@ -159,11 +160,14 @@ def response_attention(q, k, *, response_start, attention_mask=None, shift=False
     """Response-block statistics for the greedy order (AGDO Alg. 1 inputs), float32.
 
     With ``P = response_start`` and ``R = N - P``, the predictor row of token ``P + i`` is ``P + i - 1``
-    when ``shift`` (Dream) and ``P + i`` otherwise (LLaDA). Returns ``ResponseAttention(s0, abar_rr)``:
+    when ``shift`` (Dream) and ``P + i`` otherwise (LLaDA). Returns ``ResponseAttention(s0, abar_rr, lse)``:
     ``s0 (B, R)`` = mass of each predictor row on the prompt keys, ``abar_rr (B, R, R)`` =
-    head-averaged probabilities of predictor rows on response keys. Rows whose token or predictor row is
-    padding are zeros. Memory ``O(B * R^2)``. A batch row with a NaN/inf in ``q`` or ``k`` (or an
-    overflow) is all NaN in both outputs (module docstring).
+    head-averaged probabilities of predictor rows on response keys, ``lse (B, H, N)`` = every row's
+    log-sum-exp from the same pass (pass it to :func:`influence` to save that pass). Rows whose token or
+    predictor row is padding are zeros. Memory ``O(B * R^2)``. On the Triton backend ``abar_rr`` is a
+    transposed view of a column-major buffer (what :func:`greedy_order` reads without a copy): use
+    ``reshape``, not ``view``. A batch row with a NaN/inf in ``q`` or ``k`` (or an overflow) is all NaN in
+    every output (module docstring).
     """
     B, H, Hkv, N, d = _checks.check_qk(q, k)
     attention_mask = _checks.check_mask(attention_mask, "attention_mask", B, N, q.device)
@@ -178,10 +182,9 @@ def response_attention(q, k, *, response_start, attention_mask=None, shift=False
     if attention_mask is not None:
         rows_valid = attention_mask[:, P:] & attention_mask[:, pred]
         s0 = s0 * rows_valid
-        abar_rr = abar_rr * rows_valid[:, :, None]
+        abar_rr.mul_(rows_valid[:, :, None])  # in place: keeps the backend's layout
     bad = _checks.nonfinite_rows(B, q, k, s, lse, abar_rr)
-    s0, abar_rr = _checks.poison_rows(bad, s0, abar_rr)
-    return ResponseAttention(s0, abar_rr)
+    return ResponseAttention(*_checks.poison_rows(bad, s0, abar_rr, lse))
 
 
 def greedy_order(abar_rr, s0, *, valid, step_size, block_size=None, block_mode="global", backend="auto"):

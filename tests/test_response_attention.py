@@ -37,6 +37,13 @@ def test_matches_oracle(backend, case, dtype, shift):
     tol = stat_tolerance(dtype)
     torch.testing.assert_close(got.s0.double(), s0, atol=tol, rtol=0)
     torch.testing.assert_close(got.abar_rr.double(), abar_rr, atol=tol, rtol=0)
+    # The lse of the same pass, as valid_attention reports it (what influence may reuse).
+    expected_lse = agdo_kernels.valid_attention(
+        q, k, unmasked=mask, attention_mask=mask, return_lse=True, backend=backend
+    ).lse
+    torch.testing.assert_close(got.lse, expected_lse, atol=1e-5, rtol=1e-5)
+    if backend == "triton":  # written column-major: the greedy order's column read needs no copy
+        assert got.abar_rr.transpose(1, 2).is_contiguous()
 
 
 def test_rows_sum_to_one(backend):

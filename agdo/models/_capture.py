@@ -266,9 +266,11 @@ class LayerCapture:
                     q, k, unmasked=request.unmasked, return_lse=True, **common
                 )
             if request.response_start is not None:
-                statistics.s0, statistics.abar_rr = agdo_kernels.response_attention(
+                response = agdo_kernels.response_attention(
                     q, k, response_start=request.response_start, shift=request.shift, **common
                 )
+                statistics.s0, statistics.abar_rr = response.s0, response.abar_rr
+                lse = response.lse  # the same rows' lse: influence below needs no pass of its own
             if request.influence_rows is not None:
                 statistics.influence = agdo_kernels.influence(
                     q, k, lse=lse, query_mask=request.influence_rows, norm=request.influence_norm, **common

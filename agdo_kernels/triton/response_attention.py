@@ -45,6 +45,9 @@ def _response_block_kernel(
     lse2_ptr,
     key_mask_ptr,
     abar_ptr,
+    stride_ab,
+    stride_ai,
+    stride_aj,
     stride_qb,
     stride_qh,
     stride_qn,
@@ -87,7 +90,7 @@ def _response_block_kernel(
     # With the rows' lse given, padded keys do not change the other keys' p: zero them once here.
     keys = real_keys(key_mask_ptr + b * N + first_key, offs_j, R, HAS_KEY_MASK)
     abar = tl.where(keys[None, :], total / H, 0.0)
-    abar_ptrs = abar_ptr + b * R * R + offs_i[:, None] * R + offs_j[None, :]
+    abar_ptrs = abar_ptr + b * stride_ab + offs_i[:, None] * stride_ai + offs_j[None, :] * stride_aj
     tl.store(abar_ptrs, abar, mask=rows_inside[:, None] & (offs_j < R)[None, :])
 
 
@@ -101,14 +104,17 @@ def response_block(q, k, lse, response_start, attention_mask, shift, scale):
         return torch.zeros(B, R, R, dtype=torch.float32, device=q.device)
 
     key_mask = as_bytes(attention_mask)
-    abar = torch.empty(B, R, R, dtype=torch.float32, device=q.device)  # every element written
+    # Written column-major (``columns[b, j, i] = Abar_RR[b, i, j]``) and returned as the transposed view: the
+    # greedy order reads whole columns, so its ``transpose(1, 2).contiguous()`` is then free, not a B·R² copy.
+    columns = torch.empty(B, R, R, dtype=torch.float32, device=q.device)  # every element written
+    abar = columns.transpose(1, 2)
 
     def grid(meta):
         return (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_N"]), B)
 
     launch(
         _response_block_kernel, grid,
-        q, k, lse_log2(lse), key_mask if key_mask is not None else abar, abar,
+        q, k, lse_log2(lse), key_mask if key_mask is not None else columns, columns, *abar.stride(),
         *q.stride(), *k.stride(),
         H, H // Hkv, N, R, tuning_bucket(R), response_start, response_start - int(shift), scale * LOG2E,
         HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
