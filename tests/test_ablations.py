@@ -113,16 +113,22 @@ def all_layer_probabilities(adapter, input_ids, attention_mask):
             probs.append(torch.softmax(logits, dim=-1))
         return torch.stack(probs)
     positions = position_ids_for(attention_mask)
+    # A 4D key-padding bias: a 2D mask is made causal by transformers 4.x for generic models.
+    bias = _key_padding_bias(attention_mask)
     with torch.no_grad():
         if family == "dream":
-            bias = torch.zeros(B, 1, 1, N).masked_fill(~attention_mask[:, None, None, :], float("-inf"))
-            out = model(input_ids, attention_mask=bias.expand(B, 1, N, N), position_ids=positions,
-                        output_attentions=True)
+            out = model(input_ids, attention_mask=bias, position_ids=positions, output_attentions=True)
         else:
             eager = copy.deepcopy(model)
             eager.set_attn_implementation("eager")
-            out = eager(input_ids, attention_mask=attention_mask.long(), position_ids=positions, output_attentions=True)
+            out = eager(input_ids, attention_mask=bias, position_ids=positions, output_attentions=True)
     return torch.stack([a.double() for a in out.attentions])
+
+
+def _key_padding_bias(attention_mask):
+    """``(B, 1, N, N)`` float32 additive bias, ``-inf`` at padded keys: bidirectional on every transformers."""
+    B, N = attention_mask.shape
+    return torch.zeros(B, 1, 1, N).masked_fill(~attention_mask[:, None, None, :], float("-inf")).expand(B, 1, N, N)
 
 
 @pytest.fixture(scope="module")
@@ -413,8 +419,8 @@ def _reference_influence(adapter, batch, layer_index, heads):
     eager = copy.deepcopy(adapter.model)
     eager.set_attn_implementation("eager")
     with torch.no_grad():
-        out = eager(input_ids, attention_mask=attention_mask.long(), position_ids=position_ids_for(attention_mask),
-                    output_attentions=True)
+        out = eager(input_ids, attention_mask=_key_padding_bias(attention_mask),
+                    position_ids=position_ids_for(attention_mask), output_attentions=True)
     probs = out.attentions[layer_index].double()
     abar = probs[:, heads].mean(1) * attention_mask[:, None, :]
     return (abar * attention_mask[:, :, None]).sum(1)

@@ -210,6 +210,21 @@ def test_statistics_match_eager_attention(adapters, case, norm):
         torch.testing.assert_close(getattr(out, name).double(), value, atol=2e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("case", ["qwen2_gqa_shifted", "llama_mha"])
+@torch.no_grad()
+def test_generic_forward_without_padding_is_bidirectional(adapters, case):
+    """transformers 4.x builds a causal mask when none is given, whatever ``config.is_causal`` says: the
+    adapter's unpadded forward must equal the model run with an explicit all-visible mask on every version."""
+    adapter = adapters[case]
+    input_ids = batch()[0]
+    visible = torch.zeros(B, 1, N, N, dtype=adapter.model.dtype)
+    causal = visible.masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), -1e9)
+    expected = adapter.token_logits(adapter.model(input_ids=input_ids, attention_mask=visible, use_cache=False).logits)
+    causal_logits = adapter.token_logits(adapter.model(input_ids=input_ids, attention_mask=causal, use_cache=False).logits)
+    assert not torch.allclose(expected, causal_logits)  # the check can tell the two apart
+    torch.testing.assert_close(adapter.forward(input_ids).logits, expected, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("case", FAMILY_CASES)
 @torch.no_grad()
 def test_logits_with_capture_equal_plain_forward_and_are_token_aligned(adapters, case):
@@ -220,9 +235,10 @@ def test_logits_with_capture_equal_plain_forward_and_are_token_aligned(adapters,
     for request in (dict(unmasked=unmasked), dict(response_start=P, influence_query_mask=queries)):
         captured = adapter.forward(input_ids, attention_mask, **request)
         assert torch.equal(captured.logits, plain.logits)  # bitwise: Max-S and Max-Prob see the same logits
-    # No padding: the model's own rows, for the alignment check. Without use_cache=False, transformers 4.x
-    # builds a causal mask for a generic model that has a KV cache.
-    raw = adapter.model(input_ids, use_cache=False).logits
+    # No padding: the model's own rows, for the alignment check. Generic models get an explicit all-visible
+    # mask: without one transformers 4.x runs them causally (see the test above).
+    visible = {} if case in ("dream", "llada") else {"attention_mask": torch.zeros(B, 1, N, N)}
+    raw = adapter.model(input_ids, use_cache=False, **visible).logits
     aligned = adapter.forward(input_ids).logits
     torch.testing.assert_close(adapter.token_logits(raw), aligned)
     if SHIFTED[case]:

@@ -18,10 +18,13 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
+import transformers
 from torch import nn
 
 from . import _compat
 from ._capture import LayerCapture
+
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 # Used ONLY where the config / generation config / tokenizer lack the field. These are the values the
 # public checkpoints contain (Dream-v0-*-7B, LLaDA-8B-*), so a stripped config still works.
@@ -156,7 +159,13 @@ class GenericFamily:
     @staticmethod
     def model_inputs(model, input_ids, attention_mask):
         # A 4D mask is used as given by every transformers >= 4.56: bidirectional whatever the version.
-        return {**key_padding_inputs(model, input_ids, attention_mask), "use_cache": False}
+        # Without padding, transformers 4.x builds a CAUSAL mask whatever `config.is_causal` says, so there
+        # every batch gets an explicit all-visible 4D mask; 5.x honours the flag (and keeps SDPA's flash path).
+        inputs = key_padding_inputs(model, input_ids, attention_mask)
+        if attention_mask is None and _TRANSFORMERS_MAJOR < 5:
+            B, N = input_ids.shape
+            inputs["attention_mask"] = torch.zeros(B, 1, N, N, dtype=model.dtype, device=input_ids.device)
+        return {**inputs, "use_cache": False}
 
     @classmethod
     @contextmanager
