@@ -1,0 +1,414 @@
+"""Compile-only report of the Triton kernels: registers, spills, shared memory and the hot loop's SASS.
+
+Needs no GPU: every kernel is compiled ahead of time for a target (sm_90 and/or sm_80) with Triton's own
+ptxas, and the numbers come from ptxas' ``-v`` report (registers, spill bytes), Triton's metadata (shared
+memory) and the SASS of the cubin (``cuobjdump -sass``). The hot loop is the innermost loop (a backward branch's
+range) holding the kernel's per-tile marker instruction — ``MUFU.EX2`` for the attention kernels, whose
+loop folds one key (or query) tile per iteration — and its instructions are counted, in total and by class.
+
+``valid_attention`` is compiled twice per case: as shipped (S + O + lse) and with ``COMPUTE_S=False``, the
+same kernel without the statistic — the FlashAttention floor — so ``S+O / floor`` is the statistic's cost in
+hot-loop instructions.
+
+    python bench/compile_report.py --arch 90 80 --out report.md             # pinned configs
+    python bench/compile_report.py --arch 90 80 --all-configs --out report.md
+
+Each compile sees the arguments the real launcher passes (captured from a call on small CPU tensors, so
+pointer alignment and strides specialise as at run time) with N = 1000 keys: not a multiple of 16, as in
+most real batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+SEQ_LEN = 1000
+HEADS, KV_HEADS = 8, 2
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HEAD_DIMS = (64, 128)
+# Shared memory one block may use: H100 227 KiB, A100 163 KiB. Triton compiles bigger tiles; they fail to launch.
+SHARED_LIMIT = {90: 232_448, 80: 166_912}
+# SASS opcode classes counted in the hot loop: (column, opcode prefixes).
+INSTRUCTION_CLASSES = (
+    ("MMA", ("HMMA", "HGMMA")),
+    ("EX2", ("MUFU.EX2",)),
+    ("LDG", ("LDG.",)),
+    ("LDGSTS", ("LDGSTS",)),
+    ("LDS", ("LDS",)),
+    ("cvt", ("I2F", "F2F", "F2I", "I2FP")),
+    ("LDL/STL", ("LDL", "STL")),
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    kernel: str  # a key of KERNELS
+    arch: int
+    dtype: str
+    head_dim: int
+    key_mask: bool
+    config: tuple  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    pinned: bool
+    floor: bool = False  # valid_attention without S (COMPUTE_S=False)
+    max_registers: int | None = None  # ptxas' register cap (the launch option ``maxnreg``); None: none
+
+
+@dataclass
+class Result:
+    case: Case
+    registers: int
+    stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    shared_bytes: int
+    loop_instructions: int  # 0: no loop holding the marker was found
+    loop_classes: dict = field(default_factory=dict)
+    ptxas_log: str = ""
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_store_bytes > 0 or self.spill_load_bytes > 0
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+class LaunchCaptured(Exception):
+    """Raised instead of a launch: carries the kernel and the exact arguments the launcher passed."""
+
+    def __init__(self, kernel, args, kwargs):
+        super().__init__(kernel)
+        self.kernel, self.args, self.kwargs = kernel, args, kwargs
+
+
+def _capture_launch(kernel, grid, *args, gpu_configs, dtype, head_dim, device, **constexprs):
+    raise LaunchCaptured(kernel.fn, args, constexprs)  # the autotuner's JITFunction
+
+
+class _CaptureGridLaunch:
+    """Stands in for a JITFunction launched as ``kernel[grid](...)``."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def capture(*args, **kwargs):
+            raise LaunchCaptured(self.kernel, args, kwargs)
+
+        return capture
+
+
+def _attention_inputs(dtype, head_dim, key_mask):
+    q = torch.zeros(1, HEADS, SEQ_LEN, head_dim, dtype=dtype)
+    k = torch.zeros(1, KV_HEADS, SEQ_LEN, head_dim, dtype=dtype)
+    mask = torch.ones(1, SEQ_LEN, dtype=torch.bool) if key_mask else None
+    lse = torch.zeros(1, HEADS, SEQ_LEN)
+    return q, k, mask, lse
+
+
+def _call_valid_attention(module, dtype, head_dim, key_mask):
+    q, k, mask, _ = _attention_inputs(dtype, head_dim, key_mask)
+    unmasked = torch.ones(1, SEQ_LEN, dtype=torch.bool)
+    module.valid_attention(q, k, k, unmasked, mask, 0.1, return_output=True, return_lse=True)
+
+
+def _call_influence(module, dtype, head_dim, key_mask):
+    q, k, mask, lse = _attention_inputs(dtype, head_dim, key_mask)
+    module.influence_sum(q, k, lse, mask, None, 0.1)
+
+
+def _call_response_block(module, dtype, head_dim, key_mask):
+    q, k, mask, lse = _attention_inputs(dtype, head_dim, key_mask)
+    module.response_block(q, k, lse, SEQ_LEN // 2, mask, 1, 0.1)
+
+
+def _call_greedy_order(module, dtype, head_dim, key_mask):
+    R = SEQ_LEN // 2
+    module.greedy_order(torch.zeros(1, R, R), torch.zeros(1, R), torch.ones(1, R, dtype=torch.bool), 1, None, "global")
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    module: str
+    call: object  # (module, dtype, head_dim, key_mask) -> None; launches the kernel once
+    marker: str  # opcode prefix that marks the hot loop
+    tuned: bool = True  # has a _GPU_CONFIGS list, launched through _common.launch
+
+
+KERNELS = {
+    "valid_attention": KernelSpec("agdo_kernels.triton.valid_attention", _call_valid_attention, "MUFU.EX2"),
+    "influence": KernelSpec("agdo_kernels.triton.influence", _call_influence, "MUFU.EX2"),
+    "response_block": KernelSpec("agdo_kernels.triton.response_attention", _call_response_block, "MUFU.EX2"),
+    # One persistent program per row; its hot loop is the pick loop, one column load per pick.
+    "greedy_order": KernelSpec("agdo_kernels.triton.greedy_order", _call_greedy_order, "LDG", tuned=False),
+}
+
+
+def _module(kernel):
+    # Imported here, not at the top: a module imported under TRITON_INTERPRET=1 holds interpreter functions.
+    return importlib.import_module(KERNELS[kernel].module)
+
+
+def cases(*, arches, dtypes, head_dims, kernels, all_configs, floors, max_registers) -> list[Case]:
+    """Every (kernel, arch, dtype, head dim, key mask, config) to compile; fp32 only with its pinned tile.
+    ``floors``: valid_attention's cases also without S."""
+    from agdo_kernels.triton._common import pinned_config
+
+    found = []
+    for kernel in kernels:
+        if not KERNELS[kernel].tuned:
+            found += [Case(kernel, arch, "fp32", 0, False, (), True, max_registers=max_registers) for arch in arches]
+            continue
+        gpu_configs = _module(kernel)._GPU_CONFIGS
+        for arch in arches:
+            for dtype in dtypes:
+                for head_dim in head_dims:
+                    pinned = pinned_config(gpu_configs, DTYPES[dtype], head_dim)
+                    configs = gpu_configs if all_configs and dtype != "fp32" else [pinned]
+                    for config in configs:
+                        for key_mask in (False, True):
+                            for floor in (False, True) if floors and kernel == "valid_attention" else (False,):
+                                found.append(Case(kernel, arch, dtype, head_dim, key_mask, tuple(config),
+                                                  config == pinned, floor, max_registers))  # fmt: skip
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- compile
+
+
+def _launch_arguments(case: Case):
+    """The JITFunction and the arguments its launcher passes for ``case`` (config and flag applied)."""
+    spec = KERNELS[case.kernel]
+    module = _module(case.kernel)
+    if spec.tuned:
+        stand_in = mock.patch.object(module, "launch", _capture_launch)
+    else:
+        stand_in = mock.patch.object(module, "_greedy_rank_kernel", _CaptureGridLaunch(module._greedy_rank_kernel))
+    try:
+        with stand_in:
+            spec.call(module, DTYPES[case.dtype], case.head_dim, case.key_mask)
+    except LaunchCaptured as launched:
+        kernel, args, kwargs = launched.kernel, launched.args, dict(launched.kwargs)
+    else:
+        raise RuntimeError(f"{case.kernel}: the launcher returned without launching")
+    if spec.tuned:
+        block_m, block_n, kwargs["num_warps"], kwargs["num_stages"] = case.config
+        kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n)
+    if case.floor:
+        kwargs["COMPUTE_S"] = False
+    if case.max_registers:
+        kwargs["maxnreg"] = case.max_registers
+    return kernel, args, kwargs
+
+
+def compile_case(case: Case) -> Result:
+    """Compile ``case`` for its target and read registers/spills (ptxas -v), shared memory and the SASS."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel, args, kwargs = _launch_arguments(case)
+    target = GPUTarget("cuda", case.arch, 32)
+    backend = make_backend(target)
+    # The runtime's own specialisation: pointer alignment, strides equal to 1 made constants, ints divisible by 16.
+    bind = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = bind(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, options, bound, specialization, options)
+
+    knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas' -v report to stdout
+    knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)  # fmt: skip
+    usage = ptxas_usage(log.getvalue())
+    loop = hot_loop(disassemble(compiled.asm["cubin"]), KERNELS[case.kernel].marker)
+    return Result(case, **usage, shared_bytes=compiled.metadata.shared, loop_instructions=len(loop),
+                  loop_classes=instruction_classes(loop), ptxas_log=log.getvalue())  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def ptxas_usage(log: str) -> dict:
+    """Registers, stack frame and spill bytes from a ``ptxas -v`` report (one kernel)."""
+    registers = re.search(r"Used (\d+) registers", log)
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if registers is None or frame is None:
+        raise ValueError(f"no register/spill report in the ptxas output:\n{log}")
+    stack, stores, loads = (int(x) for x in frame.groups())
+    return {"registers": int(registers.group(1)), "stack_bytes": stack, "spill_store_bytes": stores,
+            "spill_load_bytes": loads}  # fmt: skip
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS text of ``cubin`` by Triton's cuobjdump (branch targets as addresses, which nvdisasm turns into labels)."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        return subprocess.run(
+            [knobs.nvidia.cuobjdump.path, "-sass", file.name], check=True, capture_output=True, text=True
+        ).stdout
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+
+
+def sass_instructions(sass: str) -> list[tuple[int, str, str]]:
+    """``(address, opcode, operands)`` of every instruction in ``cuobjdump -sass`` text."""
+    return [(int(address, 16), opcode, operands) for address, opcode, operands in _SASS_LINE.findall(sass)]
+
+
+def hot_loop(sass: str, marker: str) -> list[str]:
+    """Opcodes of the innermost loop holding an instruction starting with ``marker``; [] if there is none.
+
+    A loop is the range from a backward branch's target to the branch. Smaller loops nested in it (barrier
+    spin-waits) are counted once, as written.
+    """
+    instructions = sass_instructions(sass)
+    loops = []
+    for address, opcode, operands in instructions:
+        target = re.search(r"0x([0-9a-f]+)", operands)
+        if opcode.startswith("BRA") and target and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    bodies = [
+        [opcode for address, opcode, _ in instructions if start <= address <= end] for start, end in sorted(loops)
+    ]
+    marked = [body for body in bodies if any(opcode.startswith(marker) for opcode in body)]
+    return min(marked, key=len) if marked else []
+
+
+def instruction_classes(opcodes: list[str]) -> dict:
+    counts = Counter()
+    for opcode in opcodes:
+        for name, prefixes in INSTRUCTION_CLASSES:
+            counts[name] += opcode.startswith(prefixes)
+    return {name: counts[name] for name, _ in INSTRUCTION_CLASSES}
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+
+def _floor_of(result: Result, results: list[Result]) -> Result | None:
+    floor_case = replace(result.case, floor=True)
+    return next((r for r in results if r.case == floor_case), None)
+
+
+def render_table(results: list[Result]) -> str:
+    """Markdown: one table per target, a row per compile; ``S+O / floor`` on valid_attention's rows."""
+    lines = []
+    for arch in sorted({r.case.arch for r in results}, reverse=True):
+        lines += [
+            f"sm_{arch} (shared memory limit {SHARED_LIMIT[arch] // 1024} KiB per block):",
+            "",
+            "| kernel | dtype | d | key mask | config (M, N, warps, stages) | regs | spill st/ld B | smem KiB "
+            "| loop instr | S+O / floor | " + " | ".join(name for name, _ in INSTRUCTION_CLASSES) + " |",
+            "|---" * (10 + len(INSTRUCTION_CLASSES)) + "|",
+        ]
+        for r in (r for r in results if r.case.arch == arch):
+            c = r.case
+            name = c.kernel + (" floor (no S)" if c.floor else "")
+            floor = None if c.floor else _floor_of(r, results)
+            ratio = "—"
+            if floor and floor.loop_instructions:
+                ratio = f"{r.loop_instructions / floor.loop_instructions:.2f}x"
+            config = ", ".join(map(str, c.config)) + (" (pinned)" if c.pinned else "") if c.config else "launcher's"
+            if c.max_registers:
+                config += f", ≤ {c.max_registers} regs"
+            spills = f"**{r.spill_store_bytes}/{r.spill_load_bytes}**" if r.spills else "0/0"
+            shared = f"{r.shared_bytes / 1024:.0f}" + (" (over)" if r.shared_bytes > SHARED_LIMIT[arch] else "")
+            loop = str(r.loop_instructions) if r.loop_instructions else "no loop"
+            mask = ("on" if c.key_mask else "off") if c.config else "—"  # greedy_order takes no key mask
+            lines.append(
+                f"| {name} | {c.dtype} | {c.head_dim or '—'} | {mask} | {config} "
+                f"| {r.registers} | {spills} | {shared} | {loop} | {ratio} | "
+                + " | ".join(str(r.loop_classes[n]) for n, _ in INSTRUCTION_CLASSES)
+                + " |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def toolchain() -> str:
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas_version
+
+    def release(arch):
+        return re.search(r"release ([\d.]+)", get_ptxas_version(arch)).group(1)
+
+    return f"triton {triton.__version__}, ptxas {release(90)} (sm_90) / {release(80)} (sm_80), N = {SEQ_LEN}"
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def _parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(SHARED_LIMIT))
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--head-dim", type=int, nargs="+", default=list(HEAD_DIMS))
+    parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
+    parser.add_argument("--all-configs", action="store_true", help="every config of _GPU_CONFIGS, not only the pinned")
+    parser.add_argument("--no-floor", action="store_true", help="skip valid_attention's FlashAttention floor")
+    parser.add_argument("--max-registers", type=int, help="cap ptxas' registers per thread (forces spills)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiles in parallel")
+    parser.add_argument("--out", help="write the Markdown table to this file")
+    parser.add_argument("--json", help="write every result (with ptxas' report) to this file")
+    return parser.parse_args()
+
+
+def _compile_all(todo, jobs):
+    """``compile_case`` of every case, in ``jobs`` worker processes, or in this one for a single job."""
+    if jobs == 1:
+        yield from map(compile_case, todo)
+        return
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        yield from pool.map(compile_case, todo)
+
+
+def main():
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # The interpreter replaces @triton.jit functions by Python ones: there would be nothing to compile.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+    args = _parse_args()
+    todo = cases(arches=args.arch, dtypes=args.dtype, head_dims=args.head_dim, kernels=args.kernel,
+                 all_configs=args.all_configs, floors=not args.no_floor, max_registers=args.max_registers)  # fmt: skip
+    results = []
+    # Every compile is forced (a cache hit has no ptxas report): keep their files out of Triton's cache.
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # inherited by the workers
+        for result in _compile_all(todo, min(args.jobs, len(todo))):
+            results.append(result)
+            print(f"[{len(results)}/{len(todo)}] {result.case}", file=sys.stderr, flush=True)
+    table = f"{toolchain()}\n\n{render_table(results)}"
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
+
+
+if __name__ == "__main__":
+    main()

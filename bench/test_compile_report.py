@@ -1,0 +1,122 @@
+"""CI check of ``bench/compile_report.py`` (no GPU): the pinned configs compile for sm_90 without spills.
+
+The report runs in a subprocess without ``TRITON_INTERPRET`` (the interpreter replaces the kernels by Python
+functions, so there would be nothing to compile). Cost: about a dozen ahead-of-time compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import compile_report
+import pytest
+
+REPORT = Path(compile_report.__file__)
+
+
+def _toolchain_missing():
+    try:
+        from triton import knobs
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        get_ptxas_version(90)
+        subprocess.run([knobs.nvidia.cuobjdump.path, "--version"], check=True, capture_output=True)
+    except (ImportError, OSError, RuntimeError, subprocess.CalledProcessError) as err:
+        return f"triton's NVIDIA backend (ptxas, cuobjdump) is not usable here: {err!r}"
+    return None
+
+
+TOOLCHAIN_MISSING = _toolchain_missing()
+pytestmark = pytest.mark.skipif(TOOLCHAIN_MISSING is not None, reason=str(TOOLCHAIN_MISSING))
+
+
+def run_report(tmp_path, *args) -> tuple[list[dict], str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    rows, table = tmp_path / "rows.json", tmp_path / "table.md"
+    done = subprocess.run([sys.executable, str(REPORT), *args, "--json", str(rows), "--out", str(table)],
+                          check=False, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-5000:]
+    return json.loads(rows.read_text()), table.read_text()
+
+
+@pytest.fixture(scope="module")
+def pinned_sm90(tmp_path_factory):
+    """Every kernel's pinned config for sm_90, bf16, head dim 128, with and without a key mask."""
+    pinned = tmp_path_factory.mktemp("pinned")
+    return run_report(pinned, "--arch", "90", "--dtype", "bf16", "--head-dim", "128", "--no-floor")
+
+
+def _spills(row):
+    return row["spill_store_bytes"] + row["spill_load_bytes"]
+
+
+def test_pinned_configs_do_not_spill(pinned_sm90):
+    rows, _ = pinned_sm90
+    spilling = [row for row in rows if _spills(row)]
+    assert not spilling, "register spills in shipped configs:\n" + "\n".join(
+        f"{row['case']}:\n{row['ptxas_log']}" for row in spilling
+    )
+
+
+def test_report_table_renders(pinned_sm90):
+    rows, table = pinned_sm90
+    assert {row["case"]["kernel"] for row in rows} == set(compile_report.KERNELS)
+    assert all(row["loop_instructions"] > 0 for row in rows), "a kernel's hot loop was not found in its SASS"
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(lines) == len(rows) + 1  # the header, then one row per compile
+
+
+def test_floor_ratio_in_table():
+    def result(floor, loop_instructions):
+        case = compile_report.Case("valid_attention", 90, "bf16", 128, False, (128, 64, 8, 3), True, floor)
+        return compile_report.Result(case, 228, 0, 0, 0, 131072, loop_instructions,
+                                     compile_report.instruction_classes([]))  # fmt: skip
+
+    table = compile_report.render_table([result(False, 550), result(True, 500)])
+    s_row, floor_row = (line.split(" | ") for line in table.splitlines() if line.startswith("| valid_attention"))
+    assert s_row[9] == "1.10x" and floor_row[0] == "| valid_attention floor (no S)" and floor_row[9] == "—"
+
+
+def test_spills_are_detected(tmp_path):
+    """Capped at 32 registers the greedy kernel (71 unconstrained) must spill: the parser would see it."""
+    rows, table = run_report(tmp_path, "--arch", "90", "--kernel", "greedy_order", "--max-registers", "32")
+    (row,) = rows
+    assert row["registers"] <= 32 and row["spill_store_bytes"] > 0 and row["spill_load_bytes"] > 0, row["ptxas_log"]
+    assert row["loop_classes"]["LDL/STL"] > 0
+    assert f"**{row['spill_store_bytes']}/{row['spill_load_bytes']}**" in table
+
+
+def test_ptxas_report_parsing():
+    log = (
+        "ptxas info    : Function properties for _valid_attention_kernel\n"
+        "    10448 bytes stack frame, 34246 bytes spill stores, 38592 bytes spill loads\n"
+        "ptxas info    : Used 32 registers, used 1 barriers, 10448 bytes cumulative stack size\n"
+    )
+    assert compile_report.ptxas_usage(log) == {
+        "registers": 32, "stack_bytes": 10448, "spill_store_bytes": 34246, "spill_load_bytes": 38592
+    }  # fmt: skip
+    with pytest.raises(ValueError):
+        compile_report.ptxas_usage("ptxas fatal : Ptx assembly aborted due to errors")
+
+
+def test_hot_loop_is_the_innermost_loop_with_the_marker():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   MUFU.EX2 R3, R2 ;
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0040*/                   SYNCS.PHASECHK.TRANS64 P0, [UR4], R5 ;
+        /*0050*/              @!P0 BRA 0x40 ;
+        /*0060*/               @P1 BRA 0x10 ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   BRA 0x80;
+    """
+    assert compile_report.hot_loop(sass, "MUFU.EX2") == [
+        "LDG.E", "MUFU.EX2", "HGMMA.64x64x16.F32.BF16", "SYNCS.PHASECHK.TRANS64", "BRA", "BRA"
+    ]  # fmt: skip
+    assert compile_report.hot_loop(sass, "LDL") == []
+    assert compile_report.instruction_classes(compile_report.hot_loop(sass, "MUFU.EX2"))["MMA"] == 1
