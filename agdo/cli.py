@@ -72,20 +72,27 @@ def _rl(config) -> None:
 
 
 def _filter_overdenoising(config) -> None:
+    from accelerate import Accelerator
+
     from .training.mdpo import filter_overdenoising
 
-    counts = filter_overdenoising(config)
+    accelerator = Accelerator()  # under `accelerate launch`: each process decodes its share of the prompts
+    counts = filter_overdenoising(config, accelerator=accelerator)
     total = sum(counts.values())
-    print(" | ".join(f"{name}: {count} ({100 * count / total:.1f}%)" for name, count in counts.items()))
-    print(f"wrote {counts['over_denoising']} over-denoising prompts to {config.output_file}")
+    accelerator.print(" | ".join(f"{name}: {count} ({100 * count / total:.1f}%)" for name, count in counts.items()))
+    accelerator.print(f"wrote {counts['over_denoising']} over-denoising prompts to {config.output_file}")
 
 
 def _eval(config) -> None:
+    from accelerate import Accelerator
+
     from .eval import run_eval
 
-    table = run_eval(config)
-    print(table)
-    Path(config.output_dir, "results.md").write_text(table + "\n")
+    accelerator = Accelerator()  # under `accelerate launch`: each process decodes its share of the records
+    table = run_eval(config, accelerator=accelerator)
+    if accelerator.is_main_process:
+        print(table)
+        Path(config.output_dir, "results.md").write_text(table + "\n")
 
 
 def _table(config) -> None:

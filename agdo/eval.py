@@ -3,11 +3,15 @@
 A benchmark is a list of records (``agdo.data.load_benchmark`` or generated ones) with the fields its
 reward needs; every record carries ``reward``, the registry name that grades it. Prompts go through the
 tokenizer's chat template when it has one. Each row of a batch decodes with its own generator seeded
-by ``(seed, record index)``, so a problem's result does not depend on the batch it lands in.
+by ``(seed, record index)``, so a problem's result does not depend on the batch it lands in, nor on the
+number of processes: under ``accelerate launch`` (pass the ``Accelerator``) each process decodes its share of
+the records (:func:`agdo.sampling.decode_across_processes`), the main process scores them and writes the
+results, and every process returns the same result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -15,10 +19,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .rewards import get_reward
-from .sampling import SamplerConfig, generate
+from .sampling import SamplerConfig, decode_across_processes, generate
 from .training.sft_data import chat_token_ids
 
 MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -52,6 +55,7 @@ class EvalConfig:
     confidence_from: Optional[str] = None  # None: the model family's convention (SPEC §6)
     stop_at_eos: bool = False  # TraceRL's early stop; off = every position decoded (reference samplers)
     schedule: str = "linear"  # static schedule (paper 003 App. B.2: linear, cosine, sqrt, exp, log, ...)
+    cache: str = "none"  # block KV cache: none (exact) | prefix | dual (Fast-dLLM's approximations; agdo.sampling)
     batch_size: int = 8
     output_dir: str = "runs/eval"
 
@@ -84,7 +88,7 @@ class EvalConfig:
                 gen_length=self.gen_length, steps=self.steps, block_length=self.block_length,
                 temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, alg=alg,
                 threshold=self.threshold, candidate_threshold=self.candidate_threshold, schedule=self.schedule,
-                confidence_from=self.confidence_from, stop_at_eos=self.stop_at_eos,
+                confidence_from=self.confidence_from, stop_at_eos=self.stop_at_eos, cache=self.cache,
             )
         except ValueError as error:
             raise ValueError(f"EvalConfig (algs entry {alg!r}): {error}") from None
@@ -125,8 +129,13 @@ def decode_completion(tokenizer, tokens: torch.Tensor, stop_token_ids) -> str:
 
 @torch.no_grad()
 def evaluate(adapter, records: Sequence[dict], sampler_config: SamplerConfig, *, seed: int, batch_size: int,
-             desc: str = "eval") -> dict:
-    """Decode every record once; returns ``{"accuracy", "scores", "completions"}``."""
+             desc: str = "eval", accelerator=None) -> dict:
+    """Decode every record once; returns ``{"accuracy", "scores", "completions"}``.
+
+    With an ``accelerator`` every process must call this with the same arguments: each decodes its share
+    of the records, the completions are gathered in record order, the main process scores them (once) and
+    every process returns the same result.
+    """
     if not records:
         raise ValueError("`records` is empty: nothing to evaluate")
     reward_name = records[0]["reward"]
@@ -138,17 +147,22 @@ def evaluate(adapter, records: Sequence[dict], sampler_config: SamplerConfig, *,
         raise ValueError("evaluation needs an adapter with a tokenizer")
     was_training = adapter.model.training
     adapter.model.eval()
-    completions = []
-    for start in tqdm(range(0, len(records), batch_size), desc=desc, leave=False):
-        batch = records[start : start + batch_size]
+
+    def decode_batch(batch, indices):
         ids, mask = encode_prompts(tokenizer, [prompt_text(r) for r in batch], adapter.device)
-        generators = [torch.Generator(device=adapter.device).manual_seed(seed * 1_000_003 + start + i)
-                      for i in range(len(batch))]
+        generators = [torch.Generator(device=adapter.device).manual_seed(seed * 1_000_003 + i) for i in indices]
         result = generate(adapter, ids, mask, sampler_config, generator=generators)
-        completions += [decode_completion(tokenizer, row, adapter.stop_token_ids) for row in result.response]
+        return [decode_completion(tokenizer, row, adapter.stop_token_ids) for row in result.response]
+
+    completions = decode_across_processes(records, batch_size, decode_batch, accelerator=accelerator, desc=desc)
     adapter.model.train(was_training)
     fields = {key: [r.get(key) for r in records] for key in records[0] if key != "reward"}
-    scores = reward(completions, **fields)
+    # Rewards can be slow (math-verify, the code sandbox): scored on one process, the scores sent to the rest.
+    scores = reward(completions, **fields) if accelerator is None or accelerator.is_main_process else None
+    if accelerator is not None:
+        from accelerate.utils import broadcast_object_list
+
+        scores = broadcast_object_list([scores])[0]
     return {"accuracy": sum(scores) / len(scores), "scores": scores, "completions": completions}
 
 
@@ -169,8 +183,13 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def run_eval(config: EvalConfig, *, adapter=None) -> str:
-    """Evaluate every benchmark × alg × seed; writes ``results.jsonl`` and returns the Markdown table."""
+def run_eval(config: EvalConfig, *, adapter=None, accelerator=None) -> str:
+    """Evaluate every benchmark × alg × seed; writes ``results.jsonl`` and returns the Markdown table.
+
+    With an ``accelerator`` (``accelerate launch``): the model is moved to ``accelerator.device``, each
+    process decodes its share of every evaluation (:func:`evaluate`), only the main process writes
+    ``results.jsonl``, and every process returns the same table.
+    """
     from .data import load_benchmark
     from .models import load_adapter
 
@@ -180,10 +199,13 @@ def run_eval(config: EvalConfig, *, adapter=None) -> str:
         if not config.model_name_or_path:
             raise ValueError("EvalConfig: `model_name_or_path` is required (a model directory or hub id)")
         adapter = load_adapter(config.model_name_or_path, family=config.family)
+    if accelerator is not None:
+        adapter.model.to(accelerator.device)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    with open(output_dir / "results.jsonl", "a") as log:
+    writing = accelerator is None or accelerator.is_main_process
+    with open(output_dir / "results.jsonl", "a") if writing else contextlib.nullcontext() as log:
         for benchmark in config.benchmarks:
             records = datasets[benchmark]
             for alg in config.algs:
@@ -191,9 +213,10 @@ def run_eval(config: EvalConfig, *, adapter=None) -> str:
                 accuracies = []
                 for seed in config.seeds:
                     result = evaluate(adapter, records, sampler, seed=seed, batch_size=config.batch_size,
-                                      desc=f"{benchmark}/{alg}/seed{seed}")
+                                      desc=f"{benchmark}/{alg}/seed{seed}", accelerator=accelerator)
                     accuracies.append(result["accuracy"])
-                    log.write(json.dumps({"benchmark": benchmark, "alg": alg, "seed": seed,
-                                          "accuracy": result["accuracy"], "n": len(records)}) + "\n")
+                    if writing:
+                        log.write(json.dumps({"benchmark": benchmark, "alg": alg, "seed": seed,
+                                              "accuracy": result["accuracy"], "n": len(records)}) + "\n")
                 rows.append({"row": alg, "column": benchmark, **summarize(accuracies)})
     return format_table(rows, config.benchmarks)

@@ -1,18 +1,24 @@
-"""Max-S decoding against Max-Prob decoding on the same model: what asking for S costs per generation.
+"""Decoding speed: the block KV cache (none / prefix / dual) and Max-S against Max-Prob, in tokens per second.
 
-Max-S needs the valid attention ``S`` of every token from the same forward pass (the adapter computes it
-in the last layer with ``agdo_kernels.valid_attention``); Max-Prob needs logits only. Both decode the
-same prompts with the same static schedule and without the EOS rule, so they run the same number of
-forward passes and only the per-step cost differs.
+Every case decodes the same prompts (64 tokens; in batches, row 0 left-padded) with block 32, a static
+linear schedule of 4 steps per block (8 tokens per step) and no EOS rule, so the arms of a group run the
+same number of forward passes; only the cost of a pass differs: the whole sequence (``none``, and the
+first step of every block with a cache), the block and what follows it (``prefix``), or the block alone
+(``dual``). Groups are one response length and batch ("one" sequence, "many" = 4); the baseline is
+``none`` with Max-Prob. The note gives tokens/s (batch x response length / median time) and ms per sequence.
 
-- CPU: a tiny randomly initialised bidirectional Llama (hidden 64, 2 layers), float32.
+- CPU (every run): a tiny randomly initialised bidirectional Llama (hidden 64, 2 layers), float32.
 - GPU (skipped without CUDA): a Dream-shaped random-init Qwen2 in bf16 (hidden 3584, 28 heads / 4 KV
-  heads, head dim 128, vocab 152064, shifted) with ``GPU_LAYERS`` layers; target: Max-S <= 1.05x Max-Prob.
+  heads, head dim 128, vocab 152064, shifted, all 28 layers). Targets: ``prefix`` >= 3x faster than
+  ``none`` at 1,024 tokens; Max-S <= 1.05x Max-Prob with the same cache and length.
 
 The models come from ``agdo.models.load_adapter``; the bench skips, saying why, where it cannot import.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import pytest
 import torch
@@ -21,6 +27,25 @@ from agdo.sampling import SamplerConfig, generate
 
 ON_GPU = torch.cuda.is_available()
 GPU_LAYERS = 28  # Dream-7B depth: the S overhead is one last-layer kernel, so it is judged against the full model
+PROMPT_LENGTH, BLOCK, STEPS_PER_BLOCK, MANY = 64, 32, 4, 4
+
+
+def _cases(one_lengths, many_lengths, max_s_one):
+    """``(gen_length, batch, cache, alg)``: every cache with Max-Prob for one sequence at ``one_lengths`` and
+    for many at ``many_lengths``; Max-S for many, and for one at ``max_s_one``."""
+    caches = ("none", "prefix", "dual")
+    cases = [(length, 1, cache, "max_prob") for length in one_lengths for cache in caches]
+    cases += [(length, 1, cache, "max_s") for length in max_s_one for cache in caches]
+    cases += [(length, MANY, cache, alg) for length in many_lengths for cache in caches for alg in ("max_prob", "max_s")]
+    return cases
+
+
+# CI runs the CPU cases once each (--benchmark-disable), hence 256 tokens only (the whole file: 37 s on 2
+# shared cores, OMP_NUM_THREADS=1).
+CPU_CASES = _cases(one_lengths=(256,), many_lengths=(256,), max_s_one=())
+# 4 decodes per case (warm-up, peak memory, warm-up round, timed round); sized from ~61 ms per uncached step
+# of the 28-layer model at B=4, 512 tokens on an H200 to ~90 s in all (not yet measured).
+GPU_CASES = _cases(one_lengths=(256, 512, 1024), many_lengths=(256,), max_s_one=(1024,))
 
 
 def _load_adapter():
@@ -48,10 +73,11 @@ def tiny_cpu():
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, mask_token_id=511, pad_token_id=0, eos_token_id=[1], is_causal=False,
+        num_key_value_heads=4, max_position_embeddings=2048, mask_token_id=511, pad_token_id=0, eos_token_id=[1],
+        is_causal=False,
     )
     adapter = load_adapter(LlamaForCausalLM(config).eval())
-    return adapter, _prompts(4, 64, config.vocab_size, "cpu")
+    return adapter, _prompts(MANY, PROMPT_LENGTH, config.vocab_size, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -70,28 +96,40 @@ def dream_shaped_gpu():
     with torch.device("cuda"):
         model = Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
     adapter = load_adapter(model)
-    return adapter, _prompts(4, 256, config.vocab_size, "cuda")
+    return adapter, _prompts(MANY, PROMPT_LENGTH, config.vocab_size, "cuda")
 
 
-def _config(alg, gen_length, steps, block_length):
-    return SamplerConfig(gen_length=gen_length, steps=steps, block_length=block_length, alg=alg, stop_at_eos=False)
+def _decode(measure, model_and_prompts, case, device: str, rounds: int):
+    adapter, (ids, mask) = model_and_prompts
+    gen_length, batch, cache, alg = case
+    ids, mask = ids[-batch:], mask[-batch:]  # one sequence: an unpadded row
+    config = SamplerConfig(gen_length=gen_length, steps=STEPS_PER_BLOCK * gen_length // BLOCK, block_length=BLOCK,
+                           alg=alg, cache=cache, stop_at_eos=False)
+    seconds = []
+
+    def decode():
+        start = time.perf_counter()
+        generate(adapter, ids, mask, config)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+
+    def note():
+        median = statistics.median(seconds[-rounds:])  # the timed rounds come last
+        return f"{batch * gen_length / median:,.0f} tok/s, {1e3 * median / batch:,.0f} ms/seq"
+
+    label = "one" if batch == 1 else f"many (B={batch})"
+    measure(decode, group=f"decode {device} R={gen_length} {label} P={PROMPT_LENGTH} block={BLOCK} "
+                          f"{STEPS_PER_BLOCK} steps/block", impl=f"{cache} {alg}",
+            baseline=(cache, alg) == ("none", "max_prob"), rounds=rounds, note=note)
 
 
-@pytest.mark.parametrize("alg", ["max_prob", "max_s"])
-def test_decoding_cpu(measure, tiny_cpu, alg):
-    adapter, (ids, mask) = tiny_cpu
-    config = _config(alg, gen_length=64, steps=32, block_length=32)
-    measure(lambda: generate(adapter, ids, mask, config), group="decode cpu tiny-llama B=4 P=64 R=64 T=32",
-            impl=alg, baseline=alg == "max_prob")
-
-
-GPU_SHAPE = dict(gen_length=256, steps=64, block_length=32)
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda case: "-".join(map(str, case)))
+def test_decoding_cpu(measure, tiny_cpu, case):
+    _decode(measure, tiny_cpu, case, "cpu tiny-llama", rounds=3)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("alg", ["max_prob", "max_s"])
-def test_decoding_gpu(measure, dream_shaped_gpu, alg):
-    adapter, (ids, mask) = dream_shaped_gpu
-    config = _config(alg, **GPU_SHAPE)
-    measure(lambda: generate(adapter, ids, mask, config), group="decode gpu dream-shaped bf16 B=4 P=256 R=256 T=64",
-            impl=alg, baseline=alg == "max_prob", rounds=3)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda case: "-".join(map(str, case)))
+def test_decoding_gpu(measure, dream_shaped_gpu, case):
+    _decode(measure, dream_shaped_gpu, case, "gpu dream-shaped bf16", rounds=1)

@@ -1,15 +1,16 @@
 """Tiny SFT and RL runs for tests/test_sft.py and tests/test_rl.py, run as a script so that they can be
 launched on several processes::
 
-    python -m accelerate.commands.launch --multi_gpu --num_processes 2 ... tests/train_worker.py sft|rl OUT key=value ...
+    python -m accelerate.commands.launch --multi_gpu --num_processes 2 ... tests/train_worker.py sft|rl|eval OUT key=value ...
 
 Builds the same tokenizer, data and model as the in-process tests (``build_tiny_run``,
 ``build_tiny_rl_run``), applies the ``key=value`` overrides to the trainer's config through
-``agdo.config.build_config`` and trains.
+``agdo.config.build_config`` and trains; ``eval`` evaluates instead (:func:`evaluate_tiny`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 
@@ -58,6 +59,32 @@ def build_tiny_rl_run(num_problems: int = 8, model_seed: int = 0, pretrain_steps
     return adapter, prompts
 
 
+def evaluate_tiny(output_dir, overrides: list[str], accelerator=None) -> dict:
+    """What tests/test_distributed_generation.py compares between 1 and 2 processes: ``evaluate`` of every
+    alg x seed of an ``EvalConfig`` built from ``overrides``, the over-denoising categories of the same
+    records, and ``run_eval``'s table (``results.jsonl`` in ``output_dir``), on 9 one-digit additions
+    graded by exact match (standing in for every benchmark) with a model that gets some right."""
+    from unittest import mock
+
+    from agdo import data
+    from agdo.config import build_config
+    from agdo.eval import EvalConfig, evaluate, run_eval
+    from agdo.rewards.pool import RewardPool
+    from agdo.training.mdpo import classify_trajectories
+
+    adapter, records = build_tiny_rl_run(num_problems=9, pretrain_steps=120)
+    config = build_config(EvalConfig, None, [f"output_dir={output_dir}", *overrides])
+    evaluations = {f"{alg}/{seed}": evaluate(adapter, records, config.sampler_config(alg), seed=seed,
+                                             batch_size=config.batch_size, accelerator=accelerator)
+                   for alg in config.algs for seed in config.seeds}
+    sampler = dataclasses.replace(config.sampler_config(config.algs[0]), return_predictions=True)
+    categories = classify_trajectories(adapter, records, sampler, score=RewardPool(0).score, seed=config.seeds[0],
+                                       batch_size=config.batch_size, accelerator=accelerator)
+    with mock.patch.object(data, "load_benchmark", lambda name, root=None: list(records)):
+        table = run_eval(config, adapter=adapter, accelerator=accelerator)
+    return {"evaluations": evaluations, "categories": categories, "table": table}
+
+
 def main(argv):
     import torch
 
@@ -65,7 +92,16 @@ def main(argv):
 
     torch.set_num_threads(1)  # two processes on a 2-core machine
     kind, output_dir, overrides = argv[0], argv[1], argv[2:]
-    if kind == "sft":
+    if kind == "eval":
+        import json
+        from pathlib import Path
+
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+        result = evaluate_tiny(output_dir, overrides, accelerator=accelerator)
+        Path(output_dir, f"process{accelerator.process_index}.json").write_text(json.dumps(result))
+    elif kind == "sft":
         from agdo.training.sft import SFTConfig, train_sft
 
         adapter, dataset = build_tiny_run()

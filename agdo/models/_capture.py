@@ -209,14 +209,31 @@ def check_key_padding_only(attn_mask, is_causal, attention_mask, where: str) -> 
     B, N = allowed.shape[0], allowed.shape[-1]
     keys = torch.ones(B, N, dtype=torch.bool, device=allowed.device) if attention_mask is None else attention_mask
     # Rows of padded queries are not compared: models differ there (key-only vs row-and-column masks).
-    # A single mask row is broadcast to every query, so it is always compared.
-    query_real = keys[:, edges] if rows > 1 else torch.ones(B, 1, dtype=torch.bool, device=keys.device)
+    # A single mask row is broadcast to every query, so it is always compared. With a KV cache the query
+    # rows are the last `rows` keys (agdo.models._block_cache).
+    query_positions = [N - rows + edge for edge in edges]
+    query_real = keys[:, query_positions] if rows > 1 else torch.ones(B, 1, dtype=torch.bool, device=keys.device)
     wrong = (allowed != keys[:, None, None, :]) & query_real[:, None, :, None]
     if bool(wrong.any()):
         raise ValueError(
             f"{where}: the hooked layer's attention mask is not bidirectional key padding (causal, sliding-window "
             "or packed masks are not supported by the capture)"
         )
+
+
+def _check_cached_request(request: StatisticsRequest, where: str) -> None:
+    """With a KV cache the layer's queries are only the last keys: ``S`` (``valid_attention`` takes fewer
+    queries than keys) is all that can be computed; the other statistics need every query row."""
+    unsupported = []
+    if request.response_start is not None:
+        unsupported.append("response_start")
+    if request.influence_rows is not None:
+        unsupported.append("influence_query_mask")
+    if request.heads in ("local", "global"):  # the head split measures distances between query and key rows
+        unsupported.append(f"attention_heads={request.heads!r}")
+    if unsupported:
+        raise ValueError(f"{where}: {', '.join(unsupported)} not supported with a KV cache (fewer query rows than "
+                         "keys); only `unmasked` (S) is")
 
 
 class LayerCapture:
@@ -241,6 +258,7 @@ class LayerCapture:
         to_output: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Statistics for ``q (B, H, N, d)``, ``k, v (B, Hkv, N, d)`` (post-RoPE); returns ``delegate()``.
+        With a KV cache ``q`` holds only the last ``Nq < N`` key positions (then only ``S`` can be asked).
 
         ``delegate()`` runs the model's own attention and returns its output as the model expects it; it is
         the layer's output whatever is asked (``to_output`` is accepted for older hooks and unused).
@@ -254,6 +272,8 @@ class LayerCapture:
                 "the hook is on the wrong tensor"
             )
         check_key_padding_only(attn_mask, is_causal, request.attention_mask, self.where)
+        if q.shape[-2] < k.shape[-2]:  # fed rows against cached keys: the kernels below take a key-long S only
+            _check_cached_request(request, self.where)
 
         statistics = LayerStatistics()
         with torch.no_grad():

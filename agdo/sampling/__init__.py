@@ -5,11 +5,15 @@ own ``dream``) or dynamic (confidence threshold) unmasking, semi-AR blocks, temp
 and the selection strategies ``max_prob``, ``margin``, ``entropy``, ``random``, ``max_s`` (AGDO), ``rcr``
 (MDPO's running confidence remasking) and ``origin`` (Dream's random transfer), with Dream's ``alg_temp``.
 Confidence follows each model family's reference sampler (``confidence_from``: LLaDA ``"raw"``, Dream
-``"sampling"``). The exact rules (conventions, RCR, early stop, randomness) are in
-:mod:`agdo.sampling.sampler`.
+``"sampling"``). ``cache`` = ``"none"`` (exact: every step runs the whole sequence), ``"prefix"`` or ``"dual"``
+(Fast-dLLM's block KV caches: the prompt and finished blocks — dual: also the later blocks — keep the K/V
+of each block's first step; an approximation after that step, exact at it). The exact rules (conventions,
+RCR, early stop, cache, randomness) are in :mod:`agdo.sampling.sampler`.
 """
 
+from .distributed import decode_across_processes, process_share
 from .sampler import (
+    CACHE_MODES,
     CONFIDENCE_CONVENTIONS,
     DiffusionAdapter,
     GenerationResult,
@@ -27,7 +31,10 @@ __all__ = [
     "DiffusionAdapter",
     "resolve_confidence_from",
     "CONFIDENCE_CONVENTIONS",
+    "CACHE_MODES",
     "tokens_per_step",
     "SCHEDULES",
     "STRATEGIES",
+    "decode_across_processes",
+    "process_share",
 ]

@@ -58,6 +58,24 @@ block*, the first block that still has a masked position. Every step is one forw
    we test each row alone — rows stay independent — and count EOS as an end token too.)
 4. The loop stops as soon as every row is finished.
 
+Block KV cache (``SamplerConfig.cache``, Fast-dLLM's caches; :mod:`agdo.models._block_cache`). ``"none"``
+(default): every step is a forward over the whole sequence, as above. ``"prefix"`` / ``"dual"``: the first
+step of a block is that full forward and also keeps every layer's K/V; the block's later steps run the
+model on the block and everything after it (``prefix``) or on the block alone (``dual``), attending to the
+K/V kept for the other positions (``prefix``: the prompt and finished blocks; ``dual``: also the masked
+blocks after it). The block is the batch's: the fed window spans the active blocks of the unfinished rows,
+so rows on different blocks (dynamic unmasking, early stop) all get fresh logits, and a new window — the
+lowest active block finished by every row on it, a row moving past the highest (``dual``), a row finishing
+— starts with a full forward. The selection rules above are unchanged. It is an APPROXIMATION: after a
+block's first step the kept K/V are those of that step (with bidirectional attention they depend on the
+block being decoded), so ``prefix`` is exact at the first step of each block only, and ``dual`` also keeps
+the masked blocks' K/V. Records: positions outside the fed window keep the logits (and ``s``) of the last
+forward that computed them — the block's first step — so ``predictions``, ``prediction_probs``,
+``token_probs`` and ``s`` there are those of that step; ``s`` of the fed tokens is over every key (kept and
+fresh). Since the window is the batch's, with a cache a row's result can depend on its batch-mates where
+rows leave their blocks at different steps (dynamic unmasking, early stop): they decide when its kept K/V
+are refreshed.
+
 The trace holds, per response position, the step whose update gave the position its final token
 (for RCR: the last time it was filled; for settled positions: the step they were filled); ``-1`` = never
 committed. Steps are counted from 0 and are the same loop counter for every row.
@@ -65,7 +83,8 @@ committed. Steps are counted from 0 and are the same loop counter for every row.
 Randomness (temperature > 0, ``random``, ``origin`` and ``alg_temp > 0``): pass ``generator`` as a list
 of one ``torch.Generator`` per row (on the model's device) and row ``b`` draws only from
 ``generator[b]``, the same amount of noise at every step whatever its neighbours do — a row's result then
-depends only on its prompt and its generator's seed, not on the batch it is in nor on its left padding.
+depends only on its prompt and its generator's seed, not on the batch it is in nor on its left padding
+(uncached; see the block KV cache above for the exception).
 A single generator (or None, torch's global stream) is shared by the batch, so a row's noise depends on
 its batch index. Per step and row the draws are, in order: ``block_length x V`` uniforms for Gumbel-max
 (temperature > 0), then ``block_length`` uniforms (``random``, ``origin``, or ``alg_temp > 0``).
@@ -84,6 +103,7 @@ from .schedules import DREAM_EPS, SCHEDULES, tokens_per_step, transfer_probabili
 from .strategies import ALIASES, SCORED, STRATEGIES, select_top_k, selection_scores
 
 CONFIDENCE_CONVENTIONS = ("raw", "sampling")
+CACHE_MODES = ("none", "prefix", "dual")  # SamplerConfig.cache (module docstring)
 # Family default of `confidence_from` by `adapter.family` (agdo.models adapters have that attribute).
 FAMILY_CONFIDENCE = {"dream": "sampling", "llada": "raw", "generic": "raw"}
 
@@ -97,7 +117,8 @@ class DiffusionAdapter(Protocol):
     every token for the key set ``unmasked`` (bool ``(B, N)``), or None when ``unmasked`` is None.
 
     Optional: ``confidence_from`` (``"raw"`` / ``"sampling"``) or ``family`` (``"dream"`` → ``"sampling"``)
-    give the confidence convention used when ``SamplerConfig.confidence_from`` is None.
+    give the confidence convention used when ``SamplerConfig.confidence_from`` is None; ``block_cache(mode,
+    attention_mask)`` (``agdo.models`` adapters) gives the KV cache of ``SamplerConfig.cache``.
     """
 
     mask_token_id: int
@@ -131,6 +152,8 @@ class SamplerConfig:
             (``schedule="dream"`` and ``alg="origin"`` only).
         stop_at_eos: TraceRL's early stop (module docstring, step 3). Default False: the reference
             samplers decode every position.
+        cache: block KV cache, one of ``CACHE_MODES`` (module docstring): ``"none"`` (exact, default),
+            ``"prefix"`` or ``"dual"`` (Fast-dLLM's; approximations after each block's first step).
         return_confidences / return_predictions / return_s / return_token_probs: per-step records, see
             :class:`GenerationResult`.
     """
@@ -149,6 +172,7 @@ class SamplerConfig:
     alg_temp: Optional[float] = 0.0
     eps: float = DREAM_EPS
     stop_at_eos: bool = False
+    cache: str = "none"
     return_confidences: bool = False
     return_predictions: bool = False
     return_s: bool = False
@@ -192,6 +216,8 @@ class SamplerConfig:
                             f"threshold={self.threshold}")
         if not 0 < self.eps < 1:
             problems.append(f"eps must be in (0, 1), got {self.eps}")
+        if self.cache not in CACHE_MODES:
+            problems.append(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
         if problems:
             raise ValueError("SamplerConfig: " + "; ".join(problems))
 
@@ -319,6 +345,12 @@ def generate(
     x = torch.cat([prompt_ids, torch.full((B, R), mask_id, dtype=torch.long, device=device)], dim=1)
     real = torch.cat([prompt_mask, torch.ones(B, R, dtype=torch.bool, device=device)], dim=1)
     attention_mask = None if bool(real.all()) else real
+    block_cache = None
+    if config.cache != "none":
+        if not callable(getattr(adapter, "block_cache", None)):
+            raise ValueError(f"SamplerConfig.cache={config.cache!r} needs an adapter with a block KV cache "
+                             "(`block_cache(mode, attention_mask)`, as agdo.models adapters have)")
+        block_cache = adapter.block_cache(config.cache, attention_mask)
     if not config.dynamic:
         block_steps = config.steps // config.num_blocks
         per_step = tokens_per_step(config.schedule, L, block_steps, config.eps).to(device)
@@ -349,7 +381,12 @@ def generate(
         active_block = block
         positions = block.unsqueeze(1) * L + block_offsets  # (B, L) response indices of the active block
 
-        out = adapter.forward(x, attention_mask, unmasked=(real & (x != mask_id)) if need_s else None)
+        unmasked = (real & (x != mask_id)) if need_s else None
+        if block_cache is None:
+            out = adapter.forward(x, attention_mask, unmasked=unmasked)
+        else:  # fresh logits for the active blocks of the unfinished rows, lowest to highest
+            lowest, highest = torch.stack(torch.aminmax(block[unfinished])).tolist()
+            out = block_cache.forward(x, (P + lowest * L, P + (highest + 1) * L), unmasked=unmasked)
         logits = out.logits[:, P:]
         if logits.shape[:2] != (B, R):
             raise ValueError(f"adapter.forward: expected logits (B={B}, N={P + R}, V), got {tuple(out.logits.shape)}")

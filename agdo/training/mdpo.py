@@ -204,37 +204,44 @@ CATEGORIES = ("correct", "over_denoising", "never_correct")
 
 @torch.no_grad()
 def classify_trajectories(adapter, records: Sequence[dict], sampler, *, score: ScoreFunction, seed: int,
-                          batch_size: int, pass_threshold: float = 1.0) -> list[str]:
+                          batch_size: int, pass_threshold: float = 1.0, accelerator=None) -> list[str]:
     """The category of each record's trajectory: ``correct`` (final response passes), ``over_denoising``
-    (some intermediate prediction passed, the final one does not) or ``never_correct``."""
-    from tqdm.auto import tqdm
+    (some intermediate prediction passed, the final one does not) or ``never_correct``.
 
+    With an ``accelerator`` each process decodes and scores its share of the records; every process
+    returns the categories of all of them, in order."""
     from ..eval import decode_completion, encode_prompts, prompt_text
-    from ..sampling import generate
+    from ..sampling import decode_across_processes, generate
     from .masking import sample_generator
 
     if not sampler.return_predictions:
         raise ValueError("classify_trajectories: the sampler config must have return_predictions=True")
     tokenizer, stop = adapter.tokenizer, adapter.stop_token_ids
-    categories = []
-    for start in tqdm(range(0, len(records), batch_size), desc="over-denoising", leave=False):
-        batch = list(records[start : start + batch_size])
+
+    # Scored where decoded: every step's prediction is scored, and only the categories travel.
+    def classify_batch(batch, indices):
+        batch = list(batch)
         ids, mask = encode_prompts(tokenizer, [prompt_text(r) for r in batch], adapter.device)
-        generators = [sample_generator(seed, 0, start + i, device=adapter.device) for i in range(len(batch))]
+        generators = [sample_generator(seed, 0, i, device=adapter.device) for i in indices]
         result = generate(adapter, ids, mask, sampler, generator=generators)
         finals = torch.tensor(score(batch, [decode_completion(tokenizer, r, stop) for r in result.response]),
                               dtype=torch.float64)
         rewards = step_rewards(score, batch, result.predictions, result.masked, finals,
                                lambda tokens: decode_completion(tokenizer, tokens, stop))
-        for b in range(len(batch)):
-            passed = bool((rewards[b] >= pass_threshold).any())  # NaN (after the last step) compares False
-            categories.append("correct" if finals[b] >= pass_threshold else
-                              "over_denoising" if passed else "never_correct")
-    return categories
+        passed = (rewards >= pass_threshold).any(1)  # NaN (after the last step) compares False
+        return ["correct" if finals[b] >= pass_threshold else "over_denoising" if passed[b] else "never_correct"
+                for b in range(len(batch))]
+
+    return decode_across_processes(records, batch_size, classify_batch, accelerator=accelerator,
+                                   desc="over-denoising")
 
 
-def filter_overdenoising(config: OverdenoisingConfig, *, adapter=None) -> dict:
-    """Run the filter; writes ``config.output_file`` and returns the count of each category."""
+def filter_overdenoising(config: OverdenoisingConfig, *, adapter=None, accelerator=None) -> dict:
+    """Run the filter; writes ``config.output_file`` and returns the count of each category.
+
+    With an ``accelerator`` (``accelerate launch``) the model is moved to ``accelerator.device``, each
+    process decodes its share of the prompts, the main process writes the file and every process returns
+    the counts."""
     from ..data import load_benchmark, read_task_jsonl
     from ..models import load_adapter
     from ..rewards.pool import RewardPool
@@ -248,20 +255,23 @@ def filter_overdenoising(config: OverdenoisingConfig, *, adapter=None) -> dict:
         if not config.model_name_or_path:
             raise ValueError("OverdenoisingConfig: `model_name_or_path` is required (a model directory or hub id)")
         adapter = load_adapter(config.model_name_or_path, family=config.family)
+    if accelerator is not None:
+        adapter.model.to(accelerator.device)
     was_training = adapter.model.training
     adapter.model.eval()
     pool = RewardPool(config.reward_workers)
     try:
         categories = classify_trajectories(adapter, records, config.sampler_config(), score=pool.score,
                                            seed=config.seed, batch_size=config.batch_size,
-                                           pass_threshold=config.pass_threshold)
+                                           pass_threshold=config.pass_threshold, accelerator=accelerator)
     finally:
         pool.close()
         adapter.model.train(was_training)
-    output = Path(config.output_file)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w") as file:
-        for record, category in zip(records, categories):
-            if category == "over_denoising":
-                file.write(json.dumps({k: v for k, v in record.items() if k != "index"}) + "\n")
+    if accelerator is None or accelerator.is_main_process:
+        output = Path(config.output_file)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(output, "w") as file:
+            for record, category in zip(records, categories):
+                if category == "over_denoising":
+                    file.write(json.dumps({k: v for k, v in record.items() if k != "index"}) + "\n")
     return {name: categories.count(name) for name in CATEGORIES}

@@ -128,6 +128,8 @@ class RLConfig(TrainingArguments):
     # TraceRL's early stop (a finished all-pad block ends the row); off = decode every position, as the
     # reference samplers do.
     stop_at_eos: bool = False
+    # Block KV cache of the rollouts: none (exact) | prefix | dual (Fast-dLLM's approximations; agdo.sampling).
+    cache: str = "none"
     generation_batch_size: Optional[int] = None  # responses per generate call (None: all local ones)
     # Rewards and groups.
     reward_workers: int = 2
@@ -230,7 +232,7 @@ class RLConfig(TrainingArguments):
             gen_length=self.max_completion_length, steps=self.diffusion_steps or self.max_completion_length,
             block_length=self.block_length if block_length is None else block_length, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             alg=self.decoding_alg, candidate_threshold=self.candidate_threshold, stop_at_eos=self.stop_at_eos,
-            confidence_from=self.confidence_from,
+            confidence_from=self.confidence_from, cache=self.cache,
             return_predictions=self.method == "mdpo",
         )
 

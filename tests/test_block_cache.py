@@ -1,0 +1,343 @@
+"""Block KV cache (``SamplerConfig.cache``, ``agdo.models._block_cache``): exactness where it must be exact,
+completeness where it is an approximation, and the errors.
+
+The judge of a cached forward is the uncached ``adapter.forward`` of the same sequence: a cached step fed
+the SAME state as its block's first step must reproduce it to rounding (float64: 1e-10; LLaDA, float32:
+2e-5), for every family
+(test_models.py's tiny generic Qwen2 GQA 7:1 shifted and Llama MHA unshifted, the Dream fixture, and the
+LLaDA fixture given the published file's ``layer_past`` handling, which the fixture lacks), with and
+without left padding, for logits and S. In decoding the cache is an approximation after each block's
+first step, so there decoding must complete, fill every position and keep the uncached records' shapes;
+with one step per block (every step a block's first) it must decode exactly as uncached.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from agdo.models import load_adapter
+from agdo.models._block_cache import LLADA_IGNORES_LAYER_PAST
+from agdo.models._capture import LayerCapture, StatisticsRequest
+from agdo.sampling import SamplerConfig, generate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_models import FIXTURES, generic_model, remote_model_dir, write_random_weights  # noqa: E402
+
+CASES = ["qwen2_gqa_shifted", "llama_mha", "dream", "llada"]
+CACHED = [(case, mode) for case in CASES for mode in ("prefix", "dual") if (case, mode) != ("llada", "dual")]
+P, R, L = 6, 16, 4  # prompt, response, block
+TOLERANCE = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=1e-4)}
+RECORDS = ("confidences", "predictions", "masked", "prediction_probs", "s", "token_probs")
+RECORD_DTYPES = {"predictions": torch.int64, "masked": torch.bool}  # the others float32
+
+
+def llada_with_layer_past(root: Path):
+    """The LLaDA fixture if its blocks take ``layer_past``; else a copy whose ``attention()`` does what the
+    published file's does (and the fixture does not): concatenate the pre-RoPE ``layer_past``, rotate the
+    queries as the LAST positions of the keys, take the bias rows ``[key_len - query_len, key_len)``."""
+    adapter = load_adapter(remote_model_dir(root, "tiny_llada"))
+    try:
+        adapter.block_cache("prefix")
+        return adapter
+    except NotImplementedError:
+        pass
+    directory = root / "tiny_llada_layer_past"
+    shutil.copytree(FIXTURES / "tiny_llada", directory)
+    modeling = directory / "modeling_llada.py"
+    source = modeling.read_text()
+    replacements = {
+        "        present = (k, v) if use_cache else None\n": (
+            "        if layer_past is not None:\n"
+            "            k = torch.cat((layer_past[0], k), dim=-2)\n"
+            "            v = torch.cat((layer_past[1], v), dim=-2)\n"
+            "        present = (k, v) if use_cache else None\n"
+        ),
+        "attention_bias[:, :, :T, :T].to(q.dtype)": "attention_bias[:, :, -T:, : k.shape[-2]].to(q.dtype)",
+        "            return (x.float() * cos + rotated.float() * sin).to(x.dtype)\n": (
+            "            n = x.shape[-2]\n"
+            "            return (x.float() * cos[..., -n:, :] + rotated.float() * sin[..., -n:, :]).to(x.dtype)\n"
+        ),
+    }
+    for old, new in replacements.items():
+        assert source.count(old) == 1, "the LLaDA fixture's attention changed: update llada_with_layer_past"
+        source = source.replace(old, new)
+    modeling.write_text(source)
+    write_random_weights(directory, seed=0)
+    return load_adapter(directory)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    adapters = {
+        "qwen2_gqa_shifted": load_adapter(generic_model("qwen2_gqa_shifted")),
+        "llama_mha": load_adapter(generic_model("llama_mha")),
+        "dream": load_adapter(remote_model_dir(root, "tiny_dream")),
+        "llada": llada_with_layer_past(root),
+    }
+    for name, adapter in adapters.items():
+        # float64 for the exactness checks; the LLaDA fixture builds its padding bias in float32, whose
+        # minimum the capture would not recognise as a mask in float64.
+        adapter.model.to(torch.float32 if name == "llada" else torch.float64)
+    return adapters
+
+
+def state(padded: bool):
+    """A half-decoded batch ``(x, real, unmasked)``: prompts (row 1 left-padded by 3 when ``padded``), the
+    first block decoded, the rest masked (95) with a few tokens already committed."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 90, (2, P + R), generator=gen)
+    x[:, P + L:] = torch.where(torch.rand(2, R - L, generator=gen) < 0.2, x[:, P + L:], 95)
+    real = torch.ones(2, P + R, dtype=torch.bool)
+    if padded:
+        real[1, :3] = False
+    return x, real, real & (x != 95)
+
+
+def prompts():
+    """The padded prompts of :func:`state`."""
+    x, real, _ = state(padded=True)
+    return x[:, :P], real[:, :P]
+
+
+def counted(calls: list, name: str, function):
+    def counted_function(*args, **kwargs):
+        calls.append(name)
+        return function(*args, **kwargs)
+
+    return counted_function
+
+
+def close(actual, expected, dtype):
+    torch.testing.assert_close(actual, expected, equal_nan=True, **TOLERANCE[dtype])
+
+
+# ------------------------------------------------------------------------------------------ forwards
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("case,mode", CACHED)
+def test_cached_step_in_the_same_state_reproduces_the_full_forward(adapters, case, mode, padded, monkeypatch):
+    adapter = adapters[case]
+    dtype = adapter.model.dtype
+    x, real, unmasked = state(padded)
+    full = adapter.forward(x, real, unmasked=unmasked)
+    cache = adapter.block_cache(mode, real)
+    calls = []
+    for name in ("prefill", "step"):
+        monkeypatch.setattr(cache.runner, name, counted(calls, name, getattr(cache.runner, name)))
+    first, end = P + L, P + 2 * L
+
+    block_start = cache.forward(x, (first, end), unmasked=unmasked)
+    close(block_start.logits, full.logits, dtype)
+    close(block_start.s, full.s, dtype)
+    # Shifted models: the fed window starts one row before the block, its first token's predictor.
+    assert cache.fed == (first - adapter.shift, P + R if mode == "prefix" else end)
+
+    # The kept K/V are those of the block's first step: a kept token changed since is not read again.
+    changed = x.clone()
+    changed[:, P - 1] = (changed[:, P - 1] + 1) % 90
+    cached = cache.forward(changed, (first, end), unmasked=unmasked)
+    assert calls == ["prefill", "step"]
+    fresh = slice(first, cache.fed[1])
+    close(cached.logits[:, fresh], full.logits[:, fresh], dtype)
+    close(cached.s[:, fresh], full.s[:, fresh], dtype)
+
+
+def test_a_changed_window_or_a_first_request_for_s_starts_a_block(adapters):
+    adapter = adapters["qwen2_gqa_shifted"]
+    x, real, unmasked = state(padded=True)
+    cache = adapter.block_cache("dual", real)
+    cache.forward(x, (P, P + L))
+    cache.forward(x, (P, P + 2 * L))  # a row moved past the highest block
+    assert cache.fed == (P - 1, P + 2 * L)
+    full = adapter.forward(x, real, unmasked=unmasked)
+    asked = cache.forward(x, (P, P + 2 * L), unmasked=unmasked)  # S asked for the first time: a full forward
+    close(asked.s, full.s, torch.float64)
+
+
+def test_statistics_other_than_s_are_refused_against_cached_keys():
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4)
+    request = StatisticsRequest(attention_mask=None, unmasked=torch.ones(1, 5, dtype=torch.bool), response_start=2,
+                                influence_rows=None, influence_norm="sum", shift=False, num_heads=2, backend="torch")
+    capture = LayerCapture(request, where="test")
+    with pytest.raises(ValueError, match="response_start not supported with a KV cache"):
+        capture.attend(q, k, k, attn_mask=None, is_causal=False, dropout_p=0.0, scale=None, delegate=lambda: None)
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+
+def decode(adapter, cache, steps=R, **settings):
+    ids, mask = prompts()
+    config = SamplerConfig(gen_length=R, steps=steps, block_length=L, cache=cache, return_confidences=True,
+                           return_predictions=True, return_s=True, return_token_probs=True, **settings)
+    return generate(adapter, ids, mask, config)
+
+
+@pytest.mark.parametrize("case,mode", CACHED)
+def test_one_step_per_block_decodes_exactly_as_uncached(adapters, case, mode):
+    """Every step is then its block's first: a full forward, the uncached one."""
+    adapter = adapters[case]
+    uncached = decode(adapter, "none", steps=R // L, alg="max_s")
+    cached = decode(adapter, mode, steps=R // L, alg="max_s")
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert torch.equal(cached.trace, uncached.trace)
+    for name in RECORDS:
+        close(getattr(cached, name), getattr(uncached, name), adapter.model.dtype)
+
+
+SETTINGS = {
+    "max_prob": dict(),
+    "max_s": dict(alg="max_s", candidate_threshold=0.0),
+    "rcr": dict(alg="rcr"),
+    "threshold": dict(threshold=0.2),
+    "stop_at_eos": dict(alg="max_s", stop_at_eos=True),
+}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("case,mode", CACHED)
+def test_cached_decoding_fills_every_position_with_the_uncached_records(adapters, case, mode, setting):
+    adapter = adapters[case]
+    cached = decode(adapter, mode, **SETTINGS[setting])
+    assert not (cached.response == adapter.mask_token_id).any()
+    assert ((cached.trace >= 0) | cached.settled).all()
+    if "threshold" not in SETTINGS[setting]:
+        assert cached.num_steps == R
+    for name in RECORDS:  # the uncached records' (T, B, R) and dtypes
+        record = getattr(cached, name)
+        assert record.shape == (cached.num_steps, 2, R) and record.dtype == RECORD_DTYPES.get(name, torch.float32)
+    # Every masked position of an unfinished row has its prediction's probability and its S at every step.
+    assert torch.isfinite(cached.prediction_probs[cached.masked]).all()
+    assert torch.isfinite(cached.s[cached.masked]).all()
+
+
+def test_dual_keeps_the_block_start_values_after_the_block_and_prefix_recomputes_them(adapters):
+    adapter = adapters["qwen2_gqa_shifted"]
+    steps_per_block = 4
+    after = slice(L, R)  # the masked blocks after block 0, during block 0's steps 0..3
+    dual = decode(adapter, "dual", steps=steps_per_block * R // L)
+    prefix = decode(adapter, "prefix", steps=steps_per_block * R // L)
+    first_step = dual.prediction_probs[0, :, after]
+    for step in range(1, steps_per_block):
+        assert torch.equal(dual.prediction_probs[step, :, after], first_step)
+    assert not torch.equal(prefix.prediction_probs[1, :, after], prefix.prediction_probs[0, :, after])
+
+
+def test_the_fed_window_spans_the_active_blocks_of_the_unfinished_rows(adapters, monkeypatch):
+    """Dynamic unmasking moves rows through their blocks at their own pace: every step's fresh positions
+    run from the lowest to the highest active block of the rows still decoding."""
+    adapter = adapters["llama_mha"]
+    windows = []
+    make_cache = adapter.block_cache
+
+    def recording_block_cache(mode, attention_mask=None):
+        cache = make_cache(mode, attention_mask)
+        forward = cache.forward
+
+        def recording_forward(x, fresh, **kwargs):
+            windows.append((x.clone(), fresh))
+            return forward(x, fresh, **kwargs)
+
+        cache.forward = recording_forward
+        return cache
+
+    monkeypatch.setattr(adapter, "block_cache", recording_block_cache)
+    decode(adapter, "dual", threshold=0.15)
+    spread = 0
+    for x, (first, end) in windows:
+        masked = x[:, P:] == adapter.mask_token_id
+        unfinished = masked.any(1)
+        active = masked[unfinished].int().argmax(1) // L
+        assert (first, end) == (P + int(active.min()) * L, P + (int(active.max()) + 1) * L)
+        spread = max(spread, int(active.max() - active.min()))
+    assert spread > 0, "the rows never were on different blocks: the test lost its point"
+
+
+def test_cache_none_never_builds_a_cache(adapters, monkeypatch):
+    adapter = adapters["llama_mha"]
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("cache='none' built a block cache")
+
+    monkeypatch.setattr(adapter, "block_cache", no_cache)
+    result = decode(adapter, "none")
+    assert not (result.response == adapter.mask_token_id).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_cuda_bf16_cached_step_and_its_triton_s_follow_the_full_forward(mode):
+    """On a GPU: SDPA kernels for fewer queries than keys, the Triton S over cached keys, bf16 rounding."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=96, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, diffusion_shift=True, mask_token_id=95,
+                         pad_token_id=90, eos_token_id=[90, 91], is_causal=False)
+    adapter = load_adapter(Qwen2ForCausalLM(config).to("cuda", torch.bfloat16).eval())
+    x, real, unmasked = (tensor.cuda() for tensor in state(padded=True))
+    full = adapter.forward(x, real, unmasked=unmasked)
+    cache = adapter.block_cache(mode, real)
+    first, end = P + L, P + 2 * L
+    cache.forward(x, (first, end), unmasked=unmasked)
+    cached = cache.forward(x, (first, end), unmasked=unmasked)
+    fresh = slice(first, cache.fed[1])
+    scale = full.logits[:, fresh].abs().max()
+    assert (cached.logits[:, fresh] - full.logits[:, fresh]).abs().max() <= 0.05 * scale
+    torch.testing.assert_close(cached.s[:, fresh], full.s[:, fresh], atol=2e-2, rtol=0)
+    ids, mask = (tensor.cuda() for tensor in prompts())
+    config = SamplerConfig(gen_length=R, steps=R // 2, block_length=L, alg="max_s", cache=mode, return_s=True,
+                           return_predictions=True)
+    result = generate(adapter, ids, mask, config)
+    assert not (result.response == 95).any() and torch.isfinite(result.s[result.masked]).all()
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_bad_cache_value_names_the_field():
+    with pytest.raises(ValueError, match="cache must be one of"):
+        SamplerConfig(cache="full")
+
+
+def test_eval_and_rl_configs_hand_the_cache_to_the_sampler(tmp_path):
+    from agdo.eval import EvalConfig
+    from agdo.training.rl import RLConfig
+
+    assert EvalConfig(cache="dual").sampler_config("max_s").cache == "dual"
+    assert RLConfig(output_dir=str(tmp_path), cache="prefix", report_to=[]).sampler_config().cache == "prefix"
+    with pytest.raises(ValueError, match="cache must be one of"):
+        EvalConfig(cache="full")
+
+
+def test_dual_is_refused_for_llada(adapters):
+    with pytest.raises(ValueError, match="cache='dual' is not supported for llada"):
+        adapters["llada"].block_cache("dual")
+
+
+def test_a_llada_file_whose_blocks_ignore_layer_past_is_refused(tmp_path):
+    adapter = load_adapter(remote_model_dir(tmp_path, "tiny_llada"))
+    try:
+        adapter.block_cache("prefix")
+    except NotImplementedError as error:
+        assert str(error) == LLADA_IGNORES_LAYER_PAST
+    else:
+        pytest.skip("the LLaDA fixture's blocks take layer_past: no file here ignores it")
+
+
+def test_an_adapter_without_block_cache_is_refused():
+    class LogitsOnly:
+        mask_token_id, pad_token_id, eos_token_ids = 3, 0, (1,)
+
+        def forward(self, input_ids, attention_mask=None, *, unmasked=None):
+            raise AssertionError("not reached")
+
+    config = SamplerConfig(gen_length=4, steps=4, cache="prefix")
+    with pytest.raises(ValueError, match="block_cache"):
+        generate(LogitsOnly(), torch.tensor([[2, 2]]), None, config)
