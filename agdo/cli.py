@@ -96,9 +96,14 @@ def _eval(config) -> None:
 
 
 def _table(config) -> None:
+    from accelerate import Accelerator
+
     from .tables import run_table
 
-    print(run_table(config))
+    accelerator = Accelerator()  # under `accelerate launch`: each process decodes its share of every cell
+    table = run_table(config, accelerator=accelerator)
+    if accelerator.is_main_process:
+        print(table)
 
 
 def _analyze(config: AnalyzeConfig) -> None:

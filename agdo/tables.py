@@ -184,8 +184,11 @@ def format_paper_table(table: PaperTable, ours: dict) -> str:
     return "\n".join(lines)
 
 
-def run_table(config: TableConfig, *, adapters: Optional[dict] = None) -> str:
-    """Evaluate every cell that has a model and a benchmark; writes ``results.json`` and ``table.md``."""
+def run_table(config: TableConfig, *, adapters: Optional[dict] = None, accelerator=None) -> str:
+    """Evaluate every cell that has a model and a benchmark; writes ``results.json`` and ``table.md``.
+
+    With an ``accelerator`` (``accelerate launch``) each process decodes its share of every cell (as
+    ``agdo.eval.run_eval`` does) and only the main process writes the files."""
     from .data import load_benchmark
     from .eval import evaluate, summarize
     from .models import load_adapter
@@ -208,15 +211,20 @@ def run_table(config: TableConfig, *, adapters: Optional[dict] = None) -> str:
                       f"{path} is not a directory (not trained yet?)") + ": paper numbers only")
                 continue
             adapters[row.model] = load_adapter(path, family=config.family)
+            if accelerator is not None:
+                adapters[row.model].model.to(accelerator.device)
         for column_label, column in table.columns.items():
             if column["benchmark"] is None:
                 continue
             sampler = _sampler(table, row, column)
             accuracies = [evaluate(adapters[row.model], data[column["benchmark"]], sampler, seed=seed,
-                                   batch_size=config.batch_size, desc=f"{label}/{column_label}/seed{seed}")["accuracy"]
+                                   batch_size=config.batch_size, desc=f"{label}/{column_label}/seed{seed}",
+                                   accelerator=accelerator)["accuracy"]
                           for seed in seeds]
             ours[(label, column_label)] = summarize(accuracies)
     markdown = format_paper_table(table, ours)
+    if accelerator is not None and not accelerator.is_main_process:
+        return markdown
     output = Path(config.output_dir) / config.table
     output.mkdir(parents=True, exist_ok=True)
     (output / "table.md").write_text(markdown + "\n")
