@@ -19,12 +19,10 @@ import triton.language as tl
 
 from ._common import (
     LOG2E,
-    as_bytes,
     check_supported,
     dot_precision,
     launch,
     load_tile,
-    real_keys,
     tuning_bucket,
     tuning_configs,
 )
@@ -50,7 +48,7 @@ def _attend_key_block(
     q,
     k_base,
     v_base,
-    key_mask_row,
+    key_bias_row,
     unmasked_row,
     start_n,
     N,
@@ -72,17 +70,25 @@ def _attend_key_block(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = load_tile(k_base, offs_n, N, stride_kn, tl.arange(0, HEAD_DIM), stride_kd, BOUNDARY)
     logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if HAS_KEY_MASK or BOUNDARY:
-        keys = real_keys(key_mask_row, offs_n, N, HAS_KEY_MASK)
-        logits = logits + tl.where(keys, 0.0, float("-inf"))[None, :]
+    if HAS_KEY_MASK:  # the padding as an additive float32 bias (0 / -inf): one add, no compare and select
+        if BOUNDARY:
+            key_bias = tl.load(key_bias_row + offs_n, mask=offs_n < N, other=float("-inf"))
+        else:
+            key_bias = tl.load(key_bias_row + offs_n)
+        logits = logits + key_bias[None, :]
+    elif BOUNDARY:
+        logits = logits + tl.where(offs_n < N, 0.0, float("-inf"))[None, :]
     new_max = tl.maximum(row_max, tl.max(logits, 1) * qk_scale)
     # A row that has only seen padded keys keeps max -inf: subtract 0 instead so exp2 gives 0, not NaN.
     ref = tl.where(new_max == float("-inf"), 0.0, new_max)
     alpha = tl.math.exp2(row_max - ref)
     p = tl.math.exp2(logits * qk_scale - ref[:, None])
     row_sum = row_sum * alpha + tl.sum(p, 1)
-    if COMPUTE_S:
-        in_u = tl.load(unmasked_row + offs_n, mask=offs_n < N, other=0).to(tl.float32)
+    if COMPUTE_S:  # U as float32 (no per-element conversion), unpredicated in whole tiles
+        if BOUNDARY:
+            in_u = tl.load(unmasked_row + offs_n, mask=offs_n < N, other=0.0)
+        else:
+            in_u = tl.load(unmasked_row + offs_n)
         unmasked_sum = unmasked_sum * alpha + tl.sum(p * in_u[None, :], 1)
     if RETURN_OUTPUT:
         v = load_tile(v_base, offs_n, N, stride_vn, tl.arange(0, DV), stride_vd, BOUNDARY)
@@ -99,7 +105,7 @@ def _valid_attention_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
-    key_mask_ptr,
+    key_bias_ptr,
     unmasked_ptr,
     s_part_ptr,
     out_ptr,
@@ -147,7 +153,7 @@ def _valid_attention_kernel(
     q = load_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, N_Q, stride_qn, tl.arange(0, HEAD_DIM), stride_qd, True)
     k_base = k_ptr + b * stride_kb + kv * stride_kh
     v_base = v_ptr + b * stride_vb + kv * stride_vh
-    key_mask_row = key_mask_ptr + b * N
+    key_bias_row = key_bias_ptr + b * N
     unmasked_row = unmasked_ptr + b * N
 
     acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
@@ -159,13 +165,13 @@ def _valid_attention_kernel(
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, row_sum, row_max, unmasked_sum = _attend_key_block(
-            acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_mask_row, unmasked_row, start_n, N,
+            acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_bias_row, unmasked_row, start_n, N,
             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
             HEAD_DIM, DV, BLOCK_N, HAS_KEY_MASK, False, RETURN_OUTPUT, COMPUTE_S, DOT_PRECISION,
         )  # fmt: skip
     if n_full < N:
         acc, row_sum, row_max, unmasked_sum = _attend_key_block(
-            acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_mask_row, unmasked_row, n_full, N,
+            acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_bias_row, unmasked_row, n_full, N,
             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
             HEAD_DIM, DV, BLOCK_N, HAS_KEY_MASK, True, RETURN_OUTPUT, COMPUTE_S, DOT_PRECISION,
         )  # fmt: skip
@@ -177,7 +183,9 @@ def _valid_attention_kernel(
     if COMPUTE_S:
         s_head = unmasked_sum / safe_sum
         if HAS_KEY_MASK:  # padded query rows get S = 0 (their O and lse stay SDPA's); row i is key N - N_Q + i
-            s_head = tl.where(real_keys(key_mask_row, offs_m + (N - N_Q), N, True), s_head, 0.0)
+            query_key = offs_m + (N - N_Q)
+            padded_row = tl.load(key_bias_row + query_key, mask=query_key < N, other=0.0) != 0.0
+            s_head = tl.where(padded_row, 0.0, s_head)
         tl.store(s_part_ptr + bh * N_Q + offs_m, s_head, mask=rows_inside)
     if RETURN_LSE:
         lse = (row_max + tl.math.log2(safe_sum)) * 0.6931471805599453  # base 2 -> natural log
@@ -206,7 +214,8 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
     s_part = torch.empty(B, H, Nq, dtype=torch.float32, device=device)
     out = torch.empty(B, H, Nq, dv, dtype=q.dtype, device=device) if return_output else None
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
-    key_mask = as_bytes(attention_mask)
+    key_bias = None if attention_mask is None else torch.zeros(B, N, dtype=torch.float32, device=device).masked_fill_(
+        ~attention_mask, float("-inf"))
     v_arg = v if return_output else k  # unused stand-ins keep the signature fixed
     out_arg = out if return_output else s_part
 
@@ -216,13 +225,13 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
     launch(
         _valid_attention_kernel, grid,
         q, k, v_arg,
-        key_mask if key_mask is not None else s_part,
-        as_bytes(unmasked), s_part, out_arg,
+        key_bias if key_bias is not None else s_part,
+        unmasked.to(torch.float32).contiguous(), s_part, out_arg,
         lse if return_lse else s_part,
         *q.stride(), *k.stride(), *v_arg.stride(),
         *(out.stride() if return_output else (0, 0, 0, 0)),
         H, H // Hkv, Nq, N, tuning_bucket(N), scale * LOG2E,
-        HEAD_DIM=d, DV=dv, HAS_KEY_MASK=key_mask is not None,
+        HEAD_DIM=d, DV=dv, HAS_KEY_MASK=key_bias is not None,
         RETURN_OUTPUT=bool(return_output), RETURN_LSE=bool(return_lse), COMPUTE_S=True,
         DOT_PRECISION=dot_precision(q.dtype),
         gpu_configs=_GPU_CONFIGS, dtype=q.dtype, head_dim=d, device=device,
