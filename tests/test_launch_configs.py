@@ -1,0 +1,66 @@
+"""Triton launch configs: pinned by default (same summation order on every run and rank), autotuned only on
+request and only for fp16/bf16 up to head dim 128. Checked with a stand-in kernel: no GPU needed."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import agdo_kernels  # noqa: E402
+from agdo_kernels.triton import _common  # noqa: E402
+
+CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 1)]
+
+
+class RecordingKernel:
+    """Stands in for a ``triton.autotune``-wrapped kernel: records which path a launch took."""
+
+    def __init__(self):
+        self.calls = []
+        outer = self
+
+        class JitFunction:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: outer.calls.append(("pinned", kwargs))
+
+        self.fn = JitFunction()
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(("autotuned", kwargs))
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """As on a GPU: the interpreter's single tile is not what is checked here."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    yield
+    agdo_kernels.set_deterministic(True)
+
+
+def _launch(dtype, head_dim):
+    kernel = RecordingKernel()
+    _common.launch(kernel, None, gpu_configs=CONFIGS, dtype=dtype, head_dim=head_dim, device=torch.device("cpu"),
+                   HEAD_DIM=head_dim)
+    (path, kwargs), = kernel.calls
+    return path, kwargs
+
+
+def test_pinned_by_default_with_the_first_config(compiled):
+    assert agdo_kernels.deterministic()
+    path, kwargs = _launch(torch.bfloat16, 128)
+    assert path == "pinned"
+    assert (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]) == CONFIGS[0]
+    assert kwargs["HEAD_DIM"] == 128
+
+
+def test_autotuning_only_on_request_and_never_for_fp32_or_head_dim_256(compiled):
+    agdo_kernels.set_deterministic(False)
+    assert _launch(torch.float16, 64)[0] == "autotuned"
+    for dtype, head_dim in ((torch.float32, 64), (torch.bfloat16, 256)):
+        path, kwargs = _launch(dtype, head_dim)
+        assert path == "pinned" and (kwargs["BLOCK_M"], kwargs["BLOCK_N"]) == (64, 32)  # the smallest tile
+
+
+def test_interpreter_runs_its_own_small_tile(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _common.pinned_config(CONFIGS, torch.float16, 64) == _common._INTERPRETER_CONFIG
