@@ -22,7 +22,7 @@ import agdo_kernels
 from agdo import orders
 from agdo.models import load_adapter
 from agdo.models._capture import head_split, mean_attention_distance
-from agdo.models._families import position_ids_for
+from agdo.models._families import additive_key_mask, position_ids_for
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_models import adapters  # noqa: E402,F401  (the 2-layer fixture models of every family)
@@ -114,7 +114,7 @@ def all_layer_probabilities(adapter, input_ids, attention_mask):
         return torch.stack(probs)
     positions = position_ids_for(attention_mask)
     # A 4D key-padding bias: a 2D mask is made causal by transformers 4.x for generic models.
-    bias = _key_padding_bias(attention_mask)
+    bias = additive_key_mask(attention_mask, torch.float32)
     with torch.no_grad():
         if family == "dream":
             out = model(input_ids, attention_mask=bias, position_ids=positions, output_attentions=True)
@@ -123,12 +123,6 @@ def all_layer_probabilities(adapter, input_ids, attention_mask):
             eager.set_attn_implementation("eager")
             out = eager(input_ids, attention_mask=bias, position_ids=positions, output_attentions=True)
     return torch.stack([a.double() for a in out.attentions])
-
-
-def _key_padding_bias(attention_mask):
-    """``(B, 1, N, N)`` float32 additive bias, ``-inf`` at padded keys: bidirectional on every transformers."""
-    B, N = attention_mask.shape
-    return torch.zeros(B, 1, 1, N).masked_fill(~attention_mask[:, None, None, :], float("-inf")).expand(B, 1, N, N)
 
 
 @pytest.fixture(scope="module")
@@ -419,7 +413,7 @@ def _reference_influence(adapter, batch, layer_index, heads):
     eager = copy.deepcopy(adapter.model)
     eager.set_attn_implementation("eager")
     with torch.no_grad():
-        out = eager(input_ids, attention_mask=_key_padding_bias(attention_mask),
+        out = eager(input_ids, attention_mask=additive_key_mask(attention_mask, torch.float32),
                     position_ids=position_ids_for(attention_mask), output_attentions=True)
     probs = out.attentions[layer_index].double()
     abar = probs[:, heads].mean(1) * attention_mask[:, None, :]

@@ -317,25 +317,39 @@ def test_one_forward_sdpa_on_every_layer_and_one_statistics_pass(adapters, monke
     assert adapter.model.config._attn_implementation == "sdpa"
 
 
+def parameter_gradients(adapter, forwards, loss):
+    """For each callable in ``forwards`` (returning an ``AdapterOutput``), the model's parameter gradients of
+    ``loss(output)`` in training mode; the model is left in eval mode without gradients."""
+    adapter.model.train()
+    try:
+        gradients = []
+        for forward in forwards:
+            adapter.model.zero_grad()
+            loss(forward()).backward()
+            gradients.append([p.grad.clone() for p in adapter.model.parameters() if p.grad is not None])
+    finally:
+        adapter.model.eval()
+        adapter.model.zero_grad(set_to_none=True)
+    assert len(gradients[0]) == len(gradients[-1]) > 0
+    return gradients
+
+
 @pytest.mark.parametrize("case", ["qwen2_gqa_shifted", "dream", "llada"])
 def test_training_gradients_unchanged_by_capture(adapters, case):
     adapter = adapters[case]
     input_ids, attention_mask, unmasked, queries = batch(seed=2)
-    adapter.model.train()
-    try:
-        grads = []
-        for request in ({}, dict(unmasked=unmasked, response_start=P, influence_query_mask=queries)):
-            adapter.model.zero_grad()
-            out = adapter.forward(input_ids, attention_mask, **request)
-            out.logits.float().logsumexp(-1).mean().backward()
-            grads.append([p.grad.clone() for p in adapter.model.parameters() if p.grad is not None])
-            assert out.s is None or not out.s.requires_grad
-    finally:
-        adapter.model.eval()
-        adapter.model.zero_grad(set_to_none=True)
-    assert len(grads[0]) == len(grads[1]) > 0
-    for plain, captured in zip(*grads):
-        torch.testing.assert_close(captured, plain, atol=1e-6, rtol=1e-5)
+
+    def loss(out):
+        assert out.s is None or not out.s.requires_grad
+        return out.logits.float().logsumexp(-1).mean()
+
+    plain, captured = parameter_gradients(adapter, [
+        lambda: adapter.forward(input_ids, attention_mask),
+        lambda: adapter.forward(input_ids, attention_mask, unmasked=unmasked, response_start=P,
+                                influence_query_mask=queries),
+    ], loss)
+    for plain_grad, captured_grad in zip(plain, captured):
+        torch.testing.assert_close(captured_grad, plain_grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", FAMILY_CASES)

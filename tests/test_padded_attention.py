@@ -28,7 +28,7 @@ from agdo.models._padded_attention import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_models import generic_model, remote_model_dir  # noqa: E402
+from test_models import generic_model, parameter_gradients, remote_model_dir  # noqa: E402
 
 CASES = ["qwen2_gqa_shifted", "llama_mha", "dream", "llada_gqa2"]
 ROUTES = ["nested", "varlen-fa4", "varlen-fa2", "varlen-torch"]  # varlen with each kernel's stand-in
@@ -252,18 +252,12 @@ def test_training_gradients_equal_the_mask_route(float32_adapters, varlen_kernel
     setting, _ = route_setting(route, varlen_kernels)
     input_ids, attention_mask, unmasked, _ = padded_batch(seed=1)
     real = tokens_read_from_real_rows(adapter, attention_mask)
-    adapter.model.train()
-    try:
-        gradients = []
-        for routed in (adapter, with_route(adapter, setting)):
-            adapter.model.zero_grad()
-            out = routed.forward(input_ids, attention_mask, unmasked=unmasked)
-            out.logits[real].logsumexp(-1).mean().backward()
-            gradients.append([p.grad.clone() for p in adapter.model.parameters() if p.grad is not None])
-    finally:
-        adapter.model.eval()
-        adapter.model.zero_grad(set_to_none=True)
-    assert len(gradients[0]) == len(gradients[1]) > 0
+    gradients = parameter_gradients(
+        adapter,
+        [lambda routed=routed: routed.forward(input_ids, attention_mask, unmasked=unmasked)
+         for routed in (adapter, with_route(adapter, setting))],
+        lambda out: out.logits[real].logsumexp(-1).mean(),
+    )
     for masked, padding_free in zip(*gradients):
         torch.testing.assert_close(padding_free, masked, atol=2e-5, rtol=1e-4)
 
