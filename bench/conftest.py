@@ -4,7 +4,8 @@ Every benchmark calls ``measure(fn, group=..., impl=..., baseline=...)``. At the
 per group shows each implementation's median time, its ratio to the group's baseline and its peak
 memory (CUDA: the allocator's peak above what was allocated before the call; CPU: not measured — the
 resident set hides reuse of freed memory). ``--bench-report FILE`` also writes the table as Markdown,
-ready for bench/RESULTS.md.
+ready for bench/RESULTS.md; it is rewritten after every measured case, so a run cut short by a time limit
+keeps the tables of what finished.
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _RESULTS: list[dict] = []
+_REPORT_PATH: list = [None]  # --bench-report, set at configure time
 
 
 def pytest_addoption(parser):
     parser.addoption("--bench-report", default=None, help="write the ratio tables as Markdown to this file")
+
+
+def pytest_configure(config):
+    _REPORT_PATH[0] = config.getoption("--bench-report")
 
 
 def sync():
@@ -52,16 +58,17 @@ def measure(benchmark):
             return out
 
         timed()  # warm-up first: compilation and autotuning are not part of the peak
-        peak = _peak_mib(timed)
+        peak = _peak_mib(timed)  # a second untimed call: the timed rounds start warm
         benchmark.group = group
         benchmark.extra_info.update(info, impl=impl, baseline=baseline, peak_mib=peak, device=str(DEVICE))
-        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0, iterations=1)
         if benchmark.disabled:  # --benchmark-disable: ran once as a smoke test, nothing timed
             return
         _RESULTS.append(
             dict(group=group, impl=impl, baseline=baseline, median_ms=benchmark.stats.stats.median * 1e3, peak_mib=peak,
                  note=note() if callable(note) else note)
         )
+        _write_report()
 
     return run
 
@@ -87,14 +94,15 @@ def _tables() -> list[str]:
     return lines
 
 
+def _write_report():
+    if _REPORT_PATH[0]:
+        with open(_REPORT_PATH[0], "w") as handle:
+            handle.write("\n".join(_tables()) + "\n")
+
+
 def pytest_terminal_summary(terminalreporter, config):
     if not _RESULTS:
         return
-    lines = _tables()
     terminalreporter.section("agdo: side-by-side ratios")
-    for line in lines:
+    for line in _tables():
         terminalreporter.write_line(line)
-    path = config.getoption("--bench-report")
-    if path:
-        with open(path, "w") as handle:
-            handle.write("\n".join(lines) + "\n")
