@@ -8,8 +8,21 @@ import os
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
-# Ops with a compiled CUDA implementation in csrc/; the others use Triton on GPU.
-CUDA_OPS = ("greedy_order",)
+# Ops with a compiled CUDA implementation in csrc/ (backend="cuda"); the others use Triton on GPU.
+CUDA_OPS = ("valid_attention", "influence", "greedy_order")
+
+# What backend="auto" tries on CUDA tensors, in order; the first available wins, torch if none is.
+# - greedy_order: the CUDA kernel first (as since it was added), Triton when the extension is missing.
+# - valid_attention / influence: Triton until GPU benchmarks (bench/bench_attention.py) show the CUDA kernels
+#   (csrc/attention_stats.cu) faster. The CUDA kernels also cover only float16/bfloat16 with head dims 64/128,
+#   so putting "cuda" in front would need a dtype/head-dim-aware fallback here (resolve sees no tensors).
+# - response_attention: no CUDA implementation (its Abar_RR kernel exists in Triton only).
+AUTO_PREFERENCE = {
+    "valid_attention": ("triton",),
+    "influence": ("triton",),
+    "response_attention": ("triton",),
+    "greedy_order": ("cuda", "triton"),
+}
 
 _deterministic = os.environ.get("AGDO_KERNELS_DETERMINISTIC", "1") not in ("", "0")
 
@@ -63,9 +76,7 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
-        for candidate in ("cuda", "triton"):
-            if candidate == "cuda" and op not in CUDA_OPS:
-                continue
+        for candidate in AUTO_PREFERENCE.get(op, ("triton",)):
             reason = (
                 _cuda_unavailable_reason(device, op) if candidate == "cuda" else _triton_unavailable_reason(device)
             )

@@ -1,12 +1,22 @@
 """The CUDA-extension backend: loads ``agdo_kernels._agdo_cuda`` (compiled from ``csrc/`` by setup.py).
 
 The extension takes raw device pointers and the stream as integers (it has no torch dependency), so
-this module makes the inputs contiguous float32 on the right device first. Inputs arrive validated.
+this module prepares the inputs on the right device first. Inputs arrive validated.
+
+- ``greedy_order``: contiguous float32 copies.
+- ``valid_attention`` / ``influence_sum`` (csrc/attention_stats.cu, tensor cores): float16/bfloat16 inputs with
+  head dim 64 or 128 (anything else raises a ``ValueError`` pointing to ``backend='triton'``). ``q``/``k``/``v``
+  are read in place through their ``(B, H, N)`` strides — e.g. the ``(B, N, H, d).transpose(1, 2)`` views
+  transformers hands over — when ``d`` has unit stride, the other strides are multiples of 8 elements and the
+  data is 16-byte aligned (the kernels copy 16-byte chunks); other layouts are copied to contiguous first.
+  Each program writes its head's row to a ``(B, H, ·)`` float32 buffer and the head average is one torch
+  sum afterwards (deterministic, no atomics), as on the Triton backend.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -66,3 +76,120 @@ def greedy_order(abar_rr, s0, valid, step_size, block_size, block_mode):
                 torch.cuda.current_stream(s0.device).cuda_stream,
             )
     return dense_steps(rank, block_size)
+
+
+# --- attention statistics (csrc/attention_stats.cu) ---------------------------------------------------------
+
+_ATTENTION_HEAD_DIMS = (64, 128)
+_LOG2E = math.log2(math.e)
+
+
+def _attention_dtype_code(dtype):
+    if dtype == torch.float16:
+        return _extension.ATTENTION_FLOAT16
+    return _extension.ATTENTION_BFLOAT16
+
+
+def check_attention_supported(op, q, v=None):
+    """Raise a ``ValueError`` for what the CUDA attention kernels do not cover (dtype, head dim)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"backend='cuda' `{op}` runs float16/bfloat16 inputs on tensor cores; `q` has dtype {q.dtype}. "
+            "Use backend='triton' (or 'torch') for it."
+        )
+    if q.shape[-1] not in _ATTENTION_HEAD_DIMS:
+        raise ValueError(
+            f"backend='cuda' `{op}` supports head dims {list(_ATTENTION_HEAD_DIMS)}; `q` has head dim "
+            f"{q.shape[-1]}. Use backend='triton' (or 'torch') for it."
+        )
+    if v is not None and v.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"backend='cuda' `{op}` needs `v` with the head dim of `q` ({q.shape[-1]}); `v` has head dim "
+            f"{v.shape[-1]}. Use backend='triton' for it."
+        )
+
+
+def _kernel_layout(t):
+    """``t`` itself when the kernels can read it in place, else a contiguous copy; with its (b, h, n) strides."""
+    strides = tuple(s if n > 1 else 0 for s, n in zip(t.stride()[:3], t.shape[:3]))
+    if t.stride(-1) != 1 or any(s % 8 for s in strides) or t.data_ptr() % 16:
+        t = t.contiguous()
+        strides = tuple(s if n > 1 else 0 for s, n in zip(t.stride()[:3], t.shape[:3]))
+    return t, strides
+
+
+def _padded(n):
+    tile = _extension.ATTENTION_TILE
+    return max(tile, (n + tile - 1) // tile * tile)
+
+
+def _key_flags(B, N, attention_mask, unmasked, device):
+    """uint8 ``(B, padded N)``: bit 0 a real key, bit 1 in U (and real); 0 past N."""
+    flags = torch.zeros(B, _padded(N), dtype=torch.uint8, device=device)
+    real = torch.ones(B, N, dtype=torch.bool, device=device) if attention_mask is None else attention_mask
+    value = real.to(torch.uint8)
+    if unmasked is not None:
+        value = value | ((unmasked & real).to(torch.uint8) << 1)
+    flags[:, :N] = value
+    return flags
+
+
+def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, return_lse):
+    """CUDA twin of ``reference.attention.valid_attention``: ``(s, out, lse)`` from one pass."""
+    check_attention_supported("valid_attention", q, v if return_output else None)
+    B, H, Nq, d = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    device = q.device
+    if B * H * Nq == 0:
+        s = torch.zeros(B, Nq, dtype=torch.float32, device=device)
+        out = torch.zeros(B, H, Nq, d, dtype=q.dtype, device=device) if return_output else None
+        lse = torch.zeros(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
+        return s, out, lse
+    with torch.cuda.device(device):
+        q_in, q_stride = _kernel_layout(q)
+        k_in, k_stride = _kernel_layout(k)
+        v_in, v_stride = _kernel_layout(v) if return_output else (None, (0, 0, 0))
+        flags = _key_flags(B, N, attention_mask, unmasked, device)
+        # The kernel writes every element of these (each row once).
+        s_part = torch.empty(B, H, Nq, dtype=torch.float32, device=device)
+        out = torch.empty(B, H, Nq, d, dtype=q.dtype, device=device) if return_output else None
+        lse = torch.empty(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
+        _extension.valid_attention(
+            q_in.data_ptr(), k_in.data_ptr(), v_in.data_ptr() if return_output else 0,
+            q_stride, k_stride, v_stride, flags.data_ptr(), s_part.data_ptr(),
+            out.data_ptr() if return_output else 0, lse.data_ptr() if return_lse else 0,
+            B, H, Hkv, Nq, N, flags.shape[1], d, _attention_dtype_code(q.dtype), float(scale) * _LOG2E,
+            device.index, torch.cuda.current_stream(device).cuda_stream,
+        )  # fmt: skip
+    s = s_part.sum(1) / H
+    return s, out, lse
+
+
+def influence_sum(q, k, lse, attention_mask, query_mask, scale):
+    """CUDA twin of ``reference.attention.influence_sum``: float32 ``(B, N)``, not normalised."""
+    check_attention_supported("influence", q)
+    B, H, N, d = q.shape
+    Hkv = k.shape[1]
+    device = q.device
+    if B * H * N == 0:
+        return torch.zeros(B, N, dtype=torch.float32, device=device)
+    with torch.cuda.device(device):
+        q_in, q_stride = _kernel_layout(q)
+        k_in, k_stride = _kernel_layout(k)
+        flags = _key_flags(B, N, attention_mask, None, device)
+        # Rows that do not count (padding, query_mask False) and rows past N: lse2 = +inf, so p = 0.
+        lse2 = torch.full((B, H, flags.shape[1]), float("inf"), dtype=torch.float32, device=device)
+        lse2[:, :, :N] = lse.to(torch.float32) * _LOG2E
+        rows = None
+        for mask in (attention_mask, query_mask):
+            if mask is not None:
+                rows = mask if rows is None else rows & mask
+        if rows is not None:
+            lse2[:, :, :N].masked_fill_(~rows[:, None, :], float("inf"))
+        part = torch.empty(B, H, N, dtype=torch.float32, device=device)  # every element written
+        _extension.influence_sum(
+            q_in.data_ptr(), k_in.data_ptr(), q_stride, k_stride, lse2.data_ptr(), flags.data_ptr(),
+            part.data_ptr(), B, H, Hkv, N, flags.shape[1], d, _attention_dtype_code(q.dtype),
+            float(scale) * _LOG2E, device.index, torch.cuda.current_stream(device).cuda_stream,
+        )  # fmt: skip
+    return part.sum(1) / H

@@ -2,13 +2,16 @@
 // so it depends on no torch headers or C++ ABI; agdo_kernels/_cuda.py passes tensor.data_ptr() and
 // torch.cuda.current_stream().cuda_stream. The CUDA runtime is linked statically (see setup.py).
 
+#include <array>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include "attention_stats.h"
 #include "greedy_order.h"
 
 namespace py = pybind11;
@@ -37,6 +40,66 @@ void greedy_rank(std::uintptr_t columns, std::uintptr_t s0, std::uintptr_t valid
         "agdo greedy_order kernel launch");
 }
 
+using Strides = std::array<std::int64_t, 3>;  // (b, h, n) in elements; d has unit stride
+
+void copy_strides(const Strides& from, std::int64_t (&to)[3]) {
+  for (int i = 0; i < 3; ++i) to[i] = from[i];
+}
+
+// Null pointers (0) for `v`/`out`/`lse` mean "not asked for"; see csrc/attention_stats.h.
+void valid_attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, const Strides& q_stride,
+                     const Strides& k_stride, const Strides& v_stride, std::uintptr_t key_flags, std::uintptr_t s_part,
+                     std::uintptr_t out, std::uintptr_t lse, int batch, int heads, int kv_heads, int n_queries,
+                     int n_keys, int padded_keys, int head_dim, int dtype, float qk_scale, int device,
+                     std::uintptr_t stream) {
+  check(cudaSetDevice(device), "agdo valid_attention: cudaSetDevice");
+  agdo::ValidAttentionArgs args;
+  args.q = as_pointer<const void>(q);
+  args.k = as_pointer<const void>(k);
+  args.v = as_pointer<const void>(v);
+  copy_strides(q_stride, args.q_stride);
+  copy_strides(k_stride, args.k_stride);
+  copy_strides(v_stride, args.v_stride);
+  args.key_flags = as_pointer<const std::uint8_t>(key_flags);
+  args.s_part = as_pointer<float>(s_part);
+  args.out = as_pointer<void>(out);
+  args.lse = as_pointer<float>(lse);
+  args.batch = batch;
+  args.heads = heads;
+  args.kv_heads = kv_heads;
+  args.n_queries = n_queries;
+  args.n_keys = n_keys;
+  args.padded_keys = padded_keys;
+  args.head_dim = head_dim;
+  args.dtype = dtype;
+  args.qk_scale = qk_scale;
+  check(agdo::launch_valid_attention(args, as_pointer<CUstream_st>(stream)), "agdo valid_attention kernel launch");
+}
+
+void influence_sum(std::uintptr_t q, std::uintptr_t k, const Strides& q_stride, const Strides& k_stride,
+                   std::uintptr_t lse2, std::uintptr_t key_flags, std::uintptr_t part, int batch, int heads,
+                   int kv_heads, int n_keys, int padded_keys, int head_dim, int dtype, float qk_scale, int device,
+                   std::uintptr_t stream) {
+  check(cudaSetDevice(device), "agdo influence: cudaSetDevice");
+  agdo::InfluenceArgs args;
+  args.q = as_pointer<const void>(q);
+  args.k = as_pointer<const void>(k);
+  copy_strides(q_stride, args.q_stride);
+  copy_strides(k_stride, args.k_stride);
+  args.lse2 = as_pointer<const float>(lse2);
+  args.key_flags = as_pointer<const std::uint8_t>(key_flags);
+  args.part = as_pointer<float>(part);
+  args.batch = batch;
+  args.heads = heads;
+  args.kv_heads = kv_heads;
+  args.n_keys = n_keys;
+  args.padded_keys = padded_keys;
+  args.head_dim = head_dim;
+  args.dtype = dtype;
+  args.qk_scale = qk_scale;
+  check(agdo::launch_influence(args, as_pointer<CUstream_st>(stream)), "agdo influence kernel launch");
+}
+
 // "" when this module's CUDA runtime sees a usable device, else why not (no driver, driver too old, ...).
 std::string runtime_problem() {
   int count = 0;
@@ -56,6 +119,20 @@ PYBIND11_MODULE(_agdo_cuda, m) {
         py::arg("batch"), py::arg("length"), py::arg("step_size"), py::arg("window"), py::arg("device"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "Greedy round of every token (-1 where not valid) into `rank`; see csrc/greedy_order.h.");
+  m.attr("ATTENTION_TILE") = agdo::kAttnTile;
+  m.attr("ATTENTION_FLOAT16") = agdo::kAttnFloat16;
+  m.attr("ATTENTION_BFLOAT16") = agdo::kAttnBFloat16;
+  m.def("valid_attention", &valid_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_stride"),
+        py::arg("k_stride"), py::arg("v_stride"), py::arg("key_flags"), py::arg("s_part"), py::arg("out"),
+        py::arg("lse"), py::arg("batch"), py::arg("heads"), py::arg("kv_heads"), py::arg("n_queries"),
+        py::arg("n_keys"), py::arg("padded_keys"), py::arg("head_dim"), py::arg("dtype"), py::arg("qk_scale"),
+        py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "Per-head S (and O, lse) of one FlashAttention pass; see csrc/attention_stats.h.");
+  m.def("influence_sum", &influence_sum, py::arg("q"), py::arg("k"), py::arg("q_stride"), py::arg("k_stride"),
+        py::arg("lse2"), py::arg("key_flags"), py::arg("part"), py::arg("batch"), py::arg("heads"),
+        py::arg("kv_heads"), py::arg("n_keys"), py::arg("padded_keys"), py::arg("head_dim"), py::arg("dtype"),
+        py::arg("qk_scale"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "Per-head influence column sums from the rows' base-2 lse; see csrc/attention_stats.h.");
   m.def("runtime_problem", &runtime_problem,
         "Empty string when the extension's CUDA runtime sees a device, else the reason it does not.");
 }

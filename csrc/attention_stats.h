@@ -1,0 +1,78 @@
+// Host launchers of the attention-statistics kernels (valid attention S with O/lse, influence I), CUDA part
+// of agdo_kernels. Same contract as the Triton backend (agdo_kernels/triton/valid_attention.py, influence.py).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace agdo {
+
+// Element types of q/k/v (and O).
+constexpr int kAttnFloat16 = 0;
+constexpr int kAttnBFloat16 = 1;
+
+// Rows of every query/key tile. The per-key arrays (key flags, base-2 lse) have rows padded to a multiple
+// of this, so a tile's slice of them is read whole without bounds checks.
+constexpr int kAttnTile = 64;
+
+// Key flags, one byte per key position: bit 0 = a real key (not padding), bit 1 = in U (and real).
+// Padded positions (past N) are 0.
+constexpr std::uint8_t kKeyReal = 1;
+constexpr std::uint8_t kKeyInU = 2;
+
+// valid_attention. q (B, H, Nq, D), k/v (B, Hkv, N, D), given by their (b, h, n) strides in elements and a
+// unit stride along d; every (b, h, n) stride must be a multiple of 8 elements and the base pointers 16-byte
+// aligned (16-byte cp.async). Query row i is key N - Nq + i. Writes, for every (b, h, i < Nq):
+//   s_part[b, h, i] = sum_{k in U} P[h, i, k]   (0 for a padded query row or a row without real keys)
+//   lse[b, h, i]    = natural-log logsumexp     (0 without real keys; only when lse != nullptr)
+//   out[b, h, i, :] = softmax @ V in q's dtype  (contiguous (B, H, Nq, D); only when out != nullptr)
+struct ValidAttentionArgs {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;  // may be null when out is null
+  std::int64_t q_stride[3] = {0, 0, 0};
+  std::int64_t k_stride[3] = {0, 0, 0};
+  std::int64_t v_stride[3] = {0, 0, 0};
+  const std::uint8_t* key_flags = nullptr;  // (B, padded_keys), see kKeyReal / kKeyInU
+  float* s_part = nullptr;                  // (B, H, Nq)
+  void* out = nullptr;                      // (B, H, Nq, D) contiguous, or null
+  float* lse = nullptr;                     // (B, H, Nq), or null
+  int batch = 0;
+  int heads = 0;
+  int kv_heads = 0;
+  int n_queries = 0;
+  int n_keys = 0;
+  int padded_keys = 0;  // multiple of kAttnTile, >= n_keys
+  int head_dim = 0;     // 64 or 128
+  int dtype = kAttnFloat16;
+  float qk_scale = 0.0f;  // softmax scale * log2(e)
+};
+
+// influence_sum, per head. q (B, H, N, D), k (B, Hkv, N, D), strides as above. Writes, for every (b, h, key < N):
+//   part[b, h, key] = sum_i exp2(q_i . k * qk_scale - lse2[b, h, i])   (0 at padded keys)
+// lse2 (B, H, padded) is the rows' lse in base 2, +inf at rows that do not count and past N.
+struct InfluenceArgs {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  std::int64_t q_stride[3] = {0, 0, 0};
+  std::int64_t k_stride[3] = {0, 0, 0};
+  const float* lse2 = nullptr;              // (B, H, padded_keys)
+  const std::uint8_t* key_flags = nullptr;  // (B, padded_keys), bit 0 used
+  float* part = nullptr;                    // (B, H, N)
+  int batch = 0;
+  int heads = 0;
+  int kv_heads = 0;
+  int n_keys = 0;
+  int padded_keys = 0;
+  int head_dim = 0;
+  int dtype = kAttnFloat16;
+  float qk_scale = 0.0f;
+};
+
+// Launch on `stream` (asynchronous). cudaErrorInvalidValue for arguments outside the contract (dtype, head
+// dim, heads, sizes, alignment); nothing is launched for empty inputs.
+cudaError_t launch_valid_attention(const ValidAttentionArgs& args, cudaStream_t stream);
+cudaError_t launch_influence(const InfluenceArgs& args, cudaStream_t stream);
+
+}  // namespace agdo

@@ -1,0 +1,383 @@
+"""backend="cuda" attention statistics (csrc/attention_stats.cu): S, O, lse and I against the float64 oracle.
+
+The GPU tests mirror tests/test_valid_attention.py and tests/test_influence.py for the CUDA extension's
+tensor-core kernels (float16/bfloat16, head dims 64 and 128): odd N around the 64-row tiles, Nq < N, GQA,
+padding (all-padding rows included), U empty/full/random, O against float64 SDPA with an error budget taken
+from SDPA at the same precision, lse, influence with and without a given lse, every norm, and the strided
+``(B, N, H, d).transpose(1, 2)`` views transformers hands over. They are skipped (with the reason) without a
+GPU or without the compiled extension. The rest runs anywhere: argument errors and the layout helpers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import agdo_kernels
+from agdo_kernels import _backends, _cuda
+from conftest import DEVICE, oracle_abar, padding_mask, stat_tolerance
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def _unavailable():
+    if not HAS_GPU:
+        return "needs a CUDA device (backend='cuda' attention kernels)"
+    return _cuda.unavailable_reason()
+
+
+UNAVAILABLE = _unavailable()
+
+
+def needs_cuda_backend(test):
+    """GPU test of backend='cuda': skipped with the reason when there is no GPU or no usable extension."""
+    return pytest.mark.gpu(pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))(test))
+
+
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+# (B, H, Hkv, N, d): N = 19 (one ragged tile), 77 and 130 (ragged tails), 200 (several whole + ragged
+# tiles, exercises the cp.async pipeline); GQA ratios 1, 4, 7; both head dims.
+SHAPES = [
+    (2, 4, 1, 19, 64),
+    (1, 28, 4, 77, 128),
+    (2, 2, 2, 130, 64),
+    (1, 7, 1, 130, 128),
+    (2, 8, 2, 200, 64),
+    (1, 4, 4, 64, 128),
+]
+
+
+def _qkv(B, H, Hkv, N, d, dtype, *, magnitude=1.0, seed=0, layout="contiguous"):
+    """q, k, v on the GPU; ``layout="bnhd"`` gives transformers' ``(B, N, H, d).transpose(1, 2)`` views."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(B, h, N, d) for h in (H, Hkv, Hkv)]
+    tensors = []
+    for shape in shapes:
+        t = torch.randn(*shape, generator=gen)
+        if shape[1] == H:
+            t = t * magnitude
+        t = t.to("cuda", dtype)
+        if layout == "bnhd":
+            t = t.transpose(1, 2).contiguous().transpose(1, 2)
+        elif layout == "odd":  # a d-stride of 2: not readable in place, the backend copies it
+            t = torch.stack([t, torch.zeros_like(t)], -1).flatten(-2)[..., ::2]
+        tensors.append(t)
+    return tuple(tensors)
+
+
+def _unmasked(B, N, kind, seed=1):
+    if kind == "empty":
+        return torch.zeros(B, N, dtype=torch.bool, device="cuda")
+    if kind == "full":
+        return torch.ones(B, N, dtype=torch.bool, device="cuda")
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(B, N, generator=gen) < 0.4).to("cuda")
+
+
+def _mask(B, N, pattern):
+    return padding_mask(B, N, pattern).to("cuda")
+
+
+def _sdpa(q, k, v, attention_mask):
+    g = q.shape[1] // k.shape[1]
+    mask = None if attention_mask is None else attention_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask)
+
+
+def _expected_lse(q, k, mask):
+    g = q.shape[1] // k.shape[1]
+    logits = torch.einsum("bhid,bhkd->bhik", q.double(), k.double().repeat_interleave(g, 1)) * q.shape[-1] ** -0.5
+    return torch.logsumexp(logits.masked_fill(~mask[:, None, None, :], float("-inf")), -1)
+
+
+# --- GPU: valid_attention ------------------------------------------------------------------------------
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "pattern,u_kind,layout",
+    [("none", "random", "contiguous"), ("both", "random", "bnhd"), ("left", "full", "contiguous"),
+     ("right", "empty", "bnhd"), ("empty_row", "random", "odd")],
+)  # fmt: skip
+def test_valid_attention_matches_oracle(shape, dtype, pattern, u_kind, layout):
+    B, H, Hkv, N, d = shape
+    q, k, v = _qkv(B, H, Hkv, N, d, dtype, layout=layout)
+    mask = _mask(B, N, pattern)
+    unmasked = _unmasked(B, N, u_kind)
+
+    res = agdo_kernels.valid_attention(
+        q, k, v, unmasked=unmasked, attention_mask=mask, return_output=True, return_lse=True, backend="cuda"
+    )
+
+    expected_s = (oracle_abar(q, k, mask) * (unmasked & mask)[:, None, :]).sum(-1) * mask
+    assert res.s.dtype == torch.float32 and res.s.shape == (B, N)
+    torch.testing.assert_close(res.s.double(), expected_s, atol=stat_tolerance(dtype), rtol=0)
+
+    has_keys = mask.any(-1)
+    assert res.lse.dtype == torch.float32 and res.lse.shape == (B, H, N)
+    torch.testing.assert_close(res.lse[has_keys].double(), _expected_lse(q, k, mask)[has_keys], atol=1e-4, rtol=1e-5)
+    assert (res.lse[~has_keys] == 0).all() and (res.s[~has_keys] == 0).all() and (res.out[~has_keys] == 0).all()
+
+    # O: the kernel's error against float64 must be comparable to SDPA's own error at the same precision.
+    assert res.out.dtype == dtype and res.out.shape == (B, H, N, d)
+    expected_out = _sdpa(q.double(), k.double(), v.double(), mask)[has_keys]
+    sdpa_err = (_sdpa(q, k, v, mask)[has_keys].double() - expected_out).abs().max().item()
+    ours_err = (res.out[has_keys].double() - expected_out).abs().max().item()
+    assert ours_err <= 2 * sdpa_err + stat_tolerance(dtype), (ours_err, sdpa_err)
+
+    # The same numbers as the Triton backend (both float32 statistics from the same rounded inputs).
+    triton = agdo_kernels.valid_attention(
+        q, k, v, unmasked=unmasked, attention_mask=mask, return_output=True, return_lse=True, backend="triton"
+    )
+    torch.testing.assert_close(res.s, triton.s, atol=stat_tolerance(dtype), rtol=0)
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("N,Nq", [(37, 13), (130, 70), (200, 1), (77, 77)])
+def test_queries_that_are_the_last_keys(dtype, d, N, Nq):
+    B, H, Hkv = 2, 8, 2
+    q, k, v = _qkv(B, H, Hkv, N, d, dtype, seed=3, layout="bnhd")
+    mask = _mask(B, N, "left")
+    unmasked = _unmasked(B, N, "random", seed=4)
+
+    res = agdo_kernels.valid_attention(
+        q[:, :, N - Nq :], k, v, unmasked=unmasked, attention_mask=mask, return_output=True, return_lse=True,
+        backend="cuda",
+    )  # fmt: skip
+
+    abar = oracle_abar(q, k, mask)[:, N - Nq :]
+    expected_s = (abar * (unmasked & mask)[:, None, :]).sum(-1) * mask[:, N - Nq :]
+    assert res.s.shape == (B, Nq) and res.lse.shape == (B, H, Nq) and res.out.shape == (B, H, Nq, d)
+    torch.testing.assert_close(res.s.double(), expected_s, atol=stat_tolerance(dtype), rtol=0)
+    full = agdo_kernels.valid_attention(
+        q, k, v, unmasked=unmasked, attention_mask=mask, return_output=True, return_lse=True, backend="cuda"
+    )
+    torch.testing.assert_close(res.lse, full.lse[:, :, N - Nq :], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res.out.double(), full.out[:, :, N - Nq :].double(), atol=stat_tolerance(dtype), rtol=0)
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+def test_valid_attention_properties_and_forms(dtype, d):
+    B, H, Hkv, N = 3, 8, 2, 141
+    q, k, v = _qkv(B, H, Hkv, N, d, dtype)
+    mask = _mask(B, N, "both")
+    tol = stat_tolerance(dtype)
+    s = agdo_kernels.valid_attention(q, k, unmasked=_unmasked(B, N, "random"), attention_mask=mask, backend="cuda")
+    assert isinstance(s, torch.Tensor) and torch.isfinite(s).all()
+    assert (s >= -tol).all() and (s <= 1 + tol).all() and (s[~mask] == 0).all()
+    everything = agdo_kernels.valid_attention(q, k, unmasked=_unmasked(B, N, "full"), attention_mask=mask, backend="cuda")
+    torch.testing.assert_close(everything, mask.float(), atol=tol, rtol=0)
+    none = agdo_kernels.valid_attention(q, k, unmasked=_unmasked(B, N, "empty"), attention_mask=mask, backend="cuda")
+    assert (none == 0).all()
+    # No attention_mask at all; S alone equals S with the extras; lse alone (v=None, what influence uses).
+    u = _unmasked(B, N, "random")
+    alone = agdo_kernels.valid_attention(q, k, unmasked=u, backend="cuda")
+    with_extras = agdo_kernels.valid_attention(q, k, v, unmasked=u, return_output=True, return_lse=True, backend="cuda")
+    assert torch.equal(alone, with_extras.s)
+    only_lse = agdo_kernels.valid_attention(q, k, unmasked=u, return_lse=True, backend="cuda")
+    assert only_lse.out is None and torch.equal(only_lse.lse, with_extras.lse)
+    expected = (oracle_abar(q, k) * u[:, None, :]).sum(-1)
+    torch.testing.assert_close(alone.double(), expected, atol=tol, rtol=0)
+    # Deterministic: no atomics, a fixed summation order.
+    assert torch.equal(agdo_kernels.valid_attention(q, k, unmasked=u, backend="cuda"), alone)
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_large_logits_and_nonfinite_rows(dtype):
+    B, H, Hkv, N, d = 3, 4, 4, 99, 64
+    q, k, v = _qkv(B, H, Hkv, N, d, dtype, magnitude=30.0)
+    mask = _mask(B, N, "left")
+    u = _unmasked(B, N, "random")
+    res = agdo_kernels.valid_attention(q, k, v, unmasked=u, attention_mask=mask, return_output=True, backend="cuda")
+    assert torch.isfinite(res.s).all() and torch.isfinite(res.out).all()
+    expected = (oracle_abar(q, k, mask) * (u & mask)[:, None, :]).sum(-1) * mask
+    torch.testing.assert_close(res.s.double(), expected, atol=stat_tolerance(dtype), rtol=0)
+    # A NaN in one batch row: that row is NaN in every output, the others unchanged (module docstring rule).
+    q_bad = q.clone()
+    q_bad[1, 2, 5, 7] = float("nan")
+    bad = agdo_kernels.valid_attention(q_bad, k, v, unmasked=u, attention_mask=mask, return_output=True,
+                                       return_lse=True, backend="cuda")  # fmt: skip
+    assert bad.s[1].isnan().all() and bad.lse[1].isnan().all() and bad.out[1].isnan().all()
+    assert torch.equal(bad.s[[0, 2]], res.s[[0, 2]])
+
+
+@needs_cuda_backend
+def test_empty_inputs_on_gpu():
+    q, k, v = _qkv(2, 4, 2, 0, 64, torch.float16)
+    res = agdo_kernels.valid_attention(q, k, v, unmasked=_unmasked(2, 0, "full"), return_output=True,
+                                       return_lse=True, backend="cuda")  # fmt: skip
+    assert res.s.shape == (2, 0) and res.out.shape == (2, 4, 0, 64) and res.lse.shape == (2, 4, 0)
+    assert agdo_kernels.influence(q, k, backend="cuda").shape == (2, 0)
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype,d,problem", [(torch.float32, 64, "dtype"), (torch.float16, 32, "head dim")])
+def test_unsupported_inputs_point_to_triton(dtype, d, problem):
+    q, k, v = _qkv(1, 2, 2, 9, d, dtype)
+    u = _unmasked(1, 9, "full")
+    with pytest.raises(ValueError, match=rf"`q` has {problem}.*backend='triton'"):
+        agdo_kernels.valid_attention(q, k, v, unmasked=u, backend="cuda")
+    with pytest.raises(ValueError, match=rf"`q` has {problem}.*backend='triton'"):
+        agdo_kernels.influence(q, k, backend="cuda")
+
+
+# --- GPU: influence ------------------------------------------------------------------------------------
+
+
+def _influence_oracle(q, k, mask, query_mask, norm):
+    rows = mask & query_mask
+    total = (oracle_abar(q, k, mask) * rows[:, :, None]).sum(1)
+    if norm == "mean":
+        return total / rows.sum(-1, keepdim=True).clamp_min(1)
+    if norm == "max":
+        return total / total.amax(-1, keepdim=True).clamp_min(1e-300)
+    return total
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("norm", ["sum", "mean", "max"])
+@pytest.mark.parametrize("given_lse", [False, True], ids=["lse-pass", "lse-given"])
+def test_influence_matches_oracle(shape, dtype, norm, given_lse):
+    B, H, Hkv, N, d = shape
+    q, k, _ = _qkv(B, H, Hkv, N, d, dtype, layout="bnhd" if given_lse else "contiguous")
+    mask = _mask(B, N, "both")
+    query_mask = (torch.rand(B, N, generator=torch.Generator().manual_seed(3)) < 0.6).to("cuda")
+    lse = None
+    if given_lse:
+        no_keys = torch.zeros(B, N, dtype=torch.bool, device="cuda")
+        lse = agdo_kernels.valid_attention(q, k, unmasked=no_keys, attention_mask=mask, return_lse=True,
+                                           backend="cuda").lse  # fmt: skip
+    got = agdo_kernels.influence(q, k, lse=lse, attention_mask=mask, query_mask=query_mask, norm=norm, backend="cuda")
+    assert got.dtype == torch.float32 and got.shape == (B, N) and torch.isfinite(got).all()
+    tol = stat_tolerance(dtype) * (N if norm == "sum" else 1)
+    torch.testing.assert_close(got.double(), _influence_oracle(q, k, mask, query_mask, norm), atol=tol, rtol=1e-4)
+    assert (got[~mask] == 0).all()
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+def test_influence_properties(dtype, d):
+    B, H, Hkv, N = 3, 8, 2, 153
+    q, k, _ = _qkv(B, H, Hkv, N, d, dtype)
+    mask = _mask(B, N, "both")
+    n_rows = mask.sum(-1).double()
+    total = agdo_kernels.influence(q, k, attention_mask=mask, backend="cuda")
+    torch.testing.assert_close(total.double().sum(-1), n_rows, atol=N * stat_tolerance(dtype), rtol=0)
+    assert (total[~mask] == 0).all() and (total >= 0).all()
+    mean = agdo_kernels.influence(q, k, attention_mask=mask, norm="mean", backend="cuda")
+    torch.testing.assert_close(mean.double().sum(-1), torch.ones_like(n_rows), atol=10 * stat_tolerance(dtype), rtol=0)
+    largest = agdo_kernels.influence(q, k, attention_mask=mask, norm="max", backend="cuda").amax(-1)
+    torch.testing.assert_close(largest, torch.ones_like(largest))
+    # Deterministic, and the same as the Triton backend within the statistics' tolerance.
+    assert torch.equal(agdo_kernels.influence(q, k, attention_mask=mask, backend="cuda"), total)
+    triton = agdo_kernels.influence(q, k, attention_mask=mask, backend="triton")
+    torch.testing.assert_close(total, triton, atol=N * stat_tolerance(dtype), rtol=1e-4)
+
+
+@needs_cuda_backend
+def test_influence_empty_rows_and_no_valid_queries():
+    q, k, _ = _qkv(2, 4, 1, 29, 64, torch.float16, magnitude=30.0)
+    mask = _mask(2, 29, "empty_row")
+    got = agdo_kernels.influence(q, k, attention_mask=mask, backend="cuda")
+    assert torch.isfinite(got).all() and (got[1] == 0).all()
+    torch.testing.assert_close(got.double(), _influence_oracle(q, k, mask, mask, "sum"), atol=29 * 1e-3, rtol=1e-4)
+    none = torch.zeros(2, 29, dtype=torch.bool, device="cuda")
+    for norm in ("sum", "mean", "max"):
+        got = agdo_kernels.influence(q, k, query_mask=none, norm=norm, backend="cuda")
+        assert torch.isfinite(got).all() and (got == 0).all()
+
+
+# --- anywhere: argument errors, backend choice, layout helpers -----------------------------------------
+
+
+def _cpu_inputs(d=64):
+    q = torch.randn(1, 2, 9, d, dtype=torch.float16)
+    k = torch.randn(1, 2, 9, d, dtype=torch.float16)
+    return q, k, torch.ones(1, 9, dtype=torch.bool)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the messages given without a GPU")
+def test_cuda_backend_on_cpu_names_the_op():
+    q, k, u = _cpu_inputs()
+    with pytest.raises(ValueError, match=r"`backend='cuda'` is not available for `valid_attention`: tensors are on cpu"):
+        agdo_kernels.valid_attention(q, k, unmasked=u, backend="cuda")
+    with pytest.raises(ValueError, match=r"`backend='cuda'` is not available for `influence`: tensors are on cpu"):
+        agdo_kernels.influence(q, k, backend="cuda")
+    with pytest.raises(ValueError, match=r"`backend='cuda'` is not available for `influence`"):
+        agdo_kernels.influence(q, k, lse=torch.zeros(1, 2, 9), backend="cuda")
+    with pytest.raises(ValueError, match=r"`response_attention` has no CUDA-extension implementation"):
+        agdo_kernels.response_attention(q, k, response_start=3, backend="cuda")
+
+
+def test_cuda_ops_and_auto_preference():
+    assert {"valid_attention", "influence", "greedy_order"} <= set(_backends.CUDA_OPS)
+    cuda = torch.device("cuda", 0)
+    # Triton stays first for the attention statistics until GPU benchmarks say otherwise (_backends.AUTO_PREFERENCE).
+    for op in ("valid_attention", "influence", "response_attention"):
+        assert _backends.resolve("auto", cuda, op) == "triton"
+    expected_greedy = "cuda" if _backends._cuda_unavailable_reason(cuda, "greedy_order") is None else "triton"
+    assert _backends.resolve("auto", cuda, "greedy_order") == expected_greedy
+    assert _backends.resolve("auto", torch.device("cpu"), "valid_attention") == "torch"
+
+
+@pytest.mark.parametrize(
+    "dtype,d,dv,match",
+    [(torch.float32, 64, 64, r"`q` has dtype torch.float32.*backend='triton'"),
+     (torch.float64, 64, 64, r"`q` has dtype torch.float64.*backend='triton'"),
+     (torch.float16, 32, 32, r"`q` has head dim 32.*backend='triton'"),
+     (torch.bfloat16, 256, 256, r"`q` has head dim 256.*backend='triton'"),
+     (torch.float16, 64, 128, r"`v` has head dim 128.*backend='triton'")],
+)  # fmt: skip
+def test_unsupported_dtype_or_head_dim_messages(dtype, d, dv, match):
+    q = torch.zeros(1, 2, 3, d, dtype=dtype)
+    v = torch.zeros(1, 2, 3, dv, dtype=dtype)
+    with pytest.raises(ValueError, match=match):
+        _cuda.check_attention_supported("valid_attention", q, v)
+
+
+def test_supported_inputs_pass_the_check():
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (64, 128):
+            q = torch.zeros(1, 2, 3, d, dtype=dtype)
+            _cuda.check_attention_supported("influence", q)
+            _cuda.check_attention_supported("valid_attention", q, q)
+
+
+def test_kernel_layout_reads_transformers_views_in_place():
+    base = torch.zeros(2, 11, 4, 64, dtype=torch.float16)  # (B, N, H, d)
+    view = base.transpose(1, 2)
+    same, strides = _cuda._kernel_layout(view)
+    assert same.data_ptr() == view.data_ptr() and strides == (11 * 4 * 64, 64, 4 * 64)
+    # Size-1 dims pass stride 0 (their stride is never used).
+    one, strides = _cuda._kernel_layout(torch.zeros(1, 1, 5, 64, dtype=torch.float16))
+    assert strides == (0, 0, 64)
+    # A non-unit d stride, or (b, h, n) strides that are not multiples of 8 elements: copied to contiguous.
+    odd = torch.zeros(2, 3, 5, 128, dtype=torch.float16)[..., ::2]
+    copied, strides = _cuda._kernel_layout(odd)
+    assert copied.is_contiguous() and strides == (3 * 5 * 64, 5 * 64, 64)
+    ragged = torch.zeros(2, 3, 5, 68, dtype=torch.float16)[..., :64]
+    copied, strides = _cuda._kernel_layout(ragged)
+    assert copied.is_contiguous() and copied.data_ptr() != ragged.data_ptr()
+
+
+@pytest.mark.skipif(_cuda._extension is None, reason="the CUDA extension is not built")
+def test_key_flags_layout():
+    mask = torch.tensor([[False, True, True, True, False]])
+    unmasked = torch.tensor([[True, True, False, True, True]])
+    flags = _cuda._key_flags(1, 5, mask, unmasked, torch.device("cpu"))
+    assert flags.shape == (1, _cuda._extension.ATTENTION_TILE) and flags.dtype == torch.uint8
+    assert flags[0, :5].tolist() == [0, 3, 1, 3, 0] and (flags[0, 5:] == 0).all()
+    flags = _cuda._key_flags(2, 130, None, None, torch.device("cpu"))
+    assert flags.shape == (2, 192) and (flags[:, :130] == 1).all() and (flags[:, 130:] == 0).all()
