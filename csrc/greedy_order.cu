@@ -1,6 +1,7 @@
-// Greedy attention-guided order (AGDO Algorithm 1): one thread block per sequence, the row in registers.
+// Greedy attention-guided order (AGDO Algorithm 1): one thread block per sequence, the row in registers
+// (S in shared memory for rows longer than 8192).
 //
-// Thread t holds positions t, t + blockDim, t + 2*blockDim, ... (ITEMS of them), so the load of a picked
+// Thread t holds positions t, t + MAX_THREADS, t + 2*MAX_THREADS, ... (ITEMS of them), so the load of a picked
 // column is coalesced. A pick is a block-wide max over 64-bit keys (order-preserving score bits, then the
 // complemented position), i.e. the largest S with ties going to the lowest position, in one reduction:
 // warp shuffles, one slot per warp in shared memory, one __syncthreads, then every warp reduces the slots
@@ -21,11 +22,15 @@ namespace {
 constexpr int kWarpSize = 32;
 constexpr int kMaxWarps = 32;
 
-// Unsigned key whose order is (score ascending, position descending): its maximum is the pick.
-__device__ __forceinline__ unsigned long long pick_key(float score, int position) {
+// The score as unsigned bits in float order (never 0, even for -inf): the high half of a pick key.
+__device__ __forceinline__ unsigned int score_bits(float score) {
   if (isnan(score)) score = -INFINITY;  // NaN counts as -inf (a NaN's bits would order it by its sign)
-  unsigned int bits = __float_as_uint(score + 0.0f);  // + 0 turns -0 into +0: they tie, as floats do
-  bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // float order as unsigned order
+  const unsigned int bits = __float_as_uint(score + 0.0f);  // + 0 turns -0 into +0: they tie, as floats do
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // float order as unsigned order
+}
+
+// Unsigned key whose order is (score ascending, position descending): its maximum is the pick.
+__device__ __forceinline__ unsigned long long make_key(unsigned int bits, int position) {
   return (static_cast<unsigned long long>(bits) << 32) | (0xFFFFFFFFu - static_cast<unsigned int>(position));
 }
 
@@ -42,12 +47,18 @@ __device__ __forceinline__ unsigned long long warp_max(unsigned long long key) {
   return key;
 }
 
-template <int ITEMS, int MAX_THREADS>
-__global__ void __launch_bounds__(MAX_THREADS)
+// SHARED_SCORE: S lives in dynamic shared memory (ITEMS * MAX_THREADS floats, each thread reading only its own
+// elements, so no barrier is needed) instead of registers; used for the longest rows, where S and delta in
+// registers (plus the pick loop's temporaries) do not fit the 128 registers of a 512-thread block.
+template <int ITEMS, int MAX_THREADS, bool SHARED_SCORE>
+__global__ void __launch_bounds__(MAX_THREADS, 1)
     greedy_rank_kernel(const float* __restrict__ columns, const float* __restrict__ s0,
                        const std::uint8_t* __restrict__ valid, std::int32_t* __restrict__ rank,
                        int length, int step_size, int window) {
   static_assert(ITEMS <= 32, "the candidate flags of a thread live in one 32-bit word");
+  // Positions step by the compile-time MAX_THREADS (the launch uses exactly MAX_THREADS threads whenever
+  // ITEMS > 1), so a thread's positions are immediate offsets, not ITEMS live registers: with blockDim.x
+  // here the 16-element kernels needed 128 registers and the 1024-thread one spilled (ptxas -v).
   __shared__ unsigned long long warp_best[2][kMaxWarps];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
@@ -56,14 +67,22 @@ __global__ void __launch_bounds__(MAX_THREADS)
   const float* row_columns = columns + row * length;
 
   // Registers per element: S and delta only; valid/candidate flags are bits, ranks go straight to memory.
-  float score[ITEMS];
+  extern __shared__ float shared_score[];  // SHARED_SCORE only
+  float score_registers[SHARED_SCORE ? 1 : ITEMS];
+  auto score = [&](int i) -> float& {
+    if constexpr (SHARED_SCORE) {
+      return shared_score[i * MAX_THREADS + threadIdx.x];
+    } else {
+      return score_registers[i];
+    }
+  };
   float delta[ITEMS];
   unsigned int valid_bits = 0;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
-    const int position = i * blockDim.x + threadIdx.x;
+    const int position = i * MAX_THREADS + threadIdx.x;
     const bool inside = position < length;
-    score[i] = inside ? s0[row + position] : 0.0f;
+    score(i) = inside ? s0[row + position] : 0.0f;
     delta[i] = 0.0f;
     if (inside && valid[row + position] != 0) valid_bits |= 1u << i;
     if (inside) rank[row + position] = -1;
@@ -76,7 +95,7 @@ __global__ void __launch_bounds__(MAX_THREADS)
     int left = 0;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const int position = i * blockDim.x + threadIdx.x;
+      const int position = i * MAX_THREADS + threadIdx.x;
       const bool candidate = (valid_bits >> i & 1u) && position >= start && position - start < window;
       if (candidate) candidate_bits |= 1u << i;
       left += __syncthreads_count(candidate);
@@ -84,13 +103,20 @@ __global__ void __launch_bounds__(MAX_THREADS)
     while (left > 0) {  // uniform across the block: every thread sees the same `left`
       const int take = left < step_size ? left : step_size;
       for (int p = 0; p < take; ++p) {
-        unsigned long long best = 0;  // below every candidate's key
+        // This thread's best candidate: a 32-bit running max over its elements in position order (strict >
+        // keeps the lowest position on ties), then one 64-bit key; the same pick as the max of every
+        // element's key, with 2 live registers instead of a 64-bit key per element.
+        unsigned int best_bits = 0;  // every candidate's bits are nonzero (score_bits)
+        int best_item = 0;
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
-          const unsigned long long key =
-              (candidate_bits >> i & 1u) ? pick_key(score[i], i * blockDim.x + threadIdx.x) : 0ull;
-          best = key > best ? key : best;
+          const unsigned int bits = (candidate_bits >> i & 1u) ? score_bits(score(i)) : 0u;
+          if (bits > best_bits) {
+            best_bits = bits;
+            best_item = i;
+          }
         }
+        unsigned long long best = best_bits ? make_key(best_bits, best_item * MAX_THREADS + threadIdx.x) : 0ull;
         best = warp_max(best);
         if (lane == 0) warp_best[buffer][warp] = best;
         __syncthreads();
@@ -98,20 +124,20 @@ __global__ void __launch_bounds__(MAX_THREADS)
         buffer ^= 1;
 
         const int picked = key_position(best);
+        if (picked % MAX_THREADS == static_cast<int>(threadIdx.x)) {  // the owner of the picked position
+          candidate_bits &= ~(1u << (picked / MAX_THREADS));
+          rank[row + picked] = round_index;
+        }
         const float* column = row_columns + static_cast<long long>(picked) * length;
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
-          const int position = i * blockDim.x + threadIdx.x;
-          if (position == picked) {
-            candidate_bits &= ~(1u << i);
-            rank[row + position] = round_index;
-          }
+          const int position = i * MAX_THREADS + threadIdx.x;
           if (position < length) delta[i] += column[position];
         }
       }
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
-        score[i] += delta[i];
+        score(i) += delta[i];
         delta[i] = 0.0f;
       }
       left -= take;
@@ -128,10 +154,12 @@ cudaError_t launch_greedy_rank(const float* columns, const float* s0, const std:
     return cudaErrorInvalidValue;
   }
   if (batch == 0) return cudaSuccess;
-  // Short rows: one element per thread and no idle warps. Longer rows: 256 threads (1024 past 4096
-  // positions) with a power-of-two number of elements each, few enough to stay in registers.
+  // Short rows: one element per thread and no idle warps. Longer rows: 256 threads (512 past 4096 positions)
+  // with a power-of-two number of elements each, few enough to stay in registers (no spills: ptxas -v,
+  // tests/test_cuda_compile.py); past 8192 positions S moves to shared memory. Not 1024 threads: that caps
+  // ptxas at 64 registers, and 16 elements per thread spilled in the pick loop.
 #define AGDO_LAUNCH(ITEMS, MAX_THREADS)                                                                  \
-  greedy_rank_kernel<ITEMS, MAX_THREADS>                                                                 \
+  greedy_rank_kernel<ITEMS, MAX_THREADS, false>                                                          \
       <<<batch, threads, 0, stream>>>(columns, s0, valid, rank, length, step_size, window)
   if (length <= 256) {
     const int threads = (length + kWarpSize - 1) / kWarpSize * kWarpSize;
@@ -148,13 +176,17 @@ cudaError_t launch_greedy_rank(const float* columns, const float* s0, const std:
     } else {
       AGDO_LAUNCH(16, 256);
     }
+  } else if (length <= 8192) {
+    const int threads = 512;
+    AGDO_LAUNCH(16, 512);
   } else {
-    const int threads = 1024;
-    if (length <= 8 * threads) {
-      AGDO_LAUNCH(8, 1024);
-    } else {
-      AGDO_LAUNCH(16, 1024);
-    }
+    constexpr int kThreads = 512;
+    constexpr int kItems = kGreedyMaxLength / kThreads;
+    auto kernel = greedy_rank_kernel<kItems, kThreads, true>;
+    const int shared_bytes = kItems * kThreads * static_cast<int>(sizeof(float));  // 64 KiB: opt in past 48
+    const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes);
+    if (status != cudaSuccess) return status;
+    kernel<<<batch, kThreads, shared_bytes, stream>>>(columns, s0, valid, rank, length, step_size, window);
   }
 #undef AGDO_LAUNCH
   return cudaGetLastError();

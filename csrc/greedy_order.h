@@ -7,7 +7,7 @@
 
 namespace agdo {
 
-// Longest row the kernel keeps in registers: 1024 threads x 16 elements each.
+// Longest row: 512 threads x 32 elements each (S in shared memory past 8192 positions, delta in registers).
 constexpr int kGreedyMaxLength = 16384;
 
 // Writes rank[b, i] = the greedy round at which valid token i of row b is picked, -1 where not valid.

@@ -212,6 +212,22 @@ def test_long_rows_on_gpu_match_reference(backend, R, step_size):
     assert torch.equal(agdo_kernels.greedy_order(abar, s0, valid=valid, backend=backend, **options), expected)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("R", [8193, 16384])  # the CUDA kernel's longest-row variant (S in shared memory)
+@pytest.mark.parametrize("step_size, block_size, block_mode", [(64, 32, "global"), (1, 4096, "within")])
+def test_longest_rows_on_gpu_match_reference(R, step_size, block_size, block_mode):
+    if _cuda_extension_reason() is not None:
+        pytest.skip(_cuda_extension_reason())
+    gen = torch.Generator(device="cuda").manual_seed(R)
+    abar = torch.softmax(torch.randn(1, R, R, generator=gen, device="cuda") * 3, dim=-1)
+    s0 = torch.rand(1, R, generator=gen, device="cuda")
+    valid = torch.rand(1, R, generator=gen, device="cuda") > 0.1
+    options = dict(step_size=step_size, block_size=block_size, block_mode=block_mode)
+    expected = agdo_kernels.greedy_order(abar, s0, valid=valid, backend="torch", **options)
+    assert torch.equal(agdo_kernels.greedy_order(abar, s0, valid=valid, backend="cuda", **options), expected)
+
+
 # --- bad input through the public API -------------------------------------------------------------
 
 
