@@ -381,3 +381,85 @@ def test_key_flags_layout():
     assert flags[0, :5].tolist() == [0, 3, 1, 3, 0] and (flags[0, 5:] == 0).all()
     flags = _cuda._key_flags(2, 130, None, None, torch.device("cpu"))
     assert flags.shape == (2, 192) and (flags[:, :130] == 1).all() and (flags[:, 130:] == 0).all()
+
+
+class _RecordingExtension:
+    """Stands in for the compiled module: records what agdo_kernels._cuda passes to each kernel."""
+
+    ATTENTION_TILE = 64
+    ATTENTION_FLOAT16 = 0
+    ATTENTION_BFLOAT16 = 1
+
+    def __init__(self):
+        self.calls = []
+
+    def valid_attention(self, *args):
+        self.calls.append(("valid_attention", args))
+
+    def influence_sum(self, *args):
+        self.calls.append(("influence_sum", args))
+
+
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    """Run ``_cuda``'s launchers on CPU tensors against the recorder (no device, no stream)."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    recorder = _RecordingExtension()
+    monkeypatch.setattr(_cuda, "_extension", recorder)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: SimpleNamespace(cuda_stream=7))
+    return recorder
+
+
+def test_launch_arguments_read_strided_views_in_place(recorded_launches):
+    B, H, Hkv, N, Nq, d = 2, 4, 2, 70, 13, 64
+    q = torch.zeros(B, N, H, d, dtype=torch.bfloat16).transpose(1, 2)[:, :, N - Nq :]
+    k, v = (torch.zeros(B, N, Hkv, d, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[0, :5] = False
+    unmasked = torch.zeros(B, N, dtype=torch.bool)
+    unmasked[:, :9] = True
+    s, out, lse = _cuda.valid_attention(q, k, v, unmasked, mask, 0.125, True, True)
+    assert s.shape == (B, Nq) and out.shape == (B, H, Nq, d) and out.dtype == torch.bfloat16 and lse.shape == (B, H, Nq)
+    ((name, args),) = recorded_launches.calls
+    assert name == "valid_attention"
+    (q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride, flags_ptr, s_ptr, out_ptr, lse_ptr,
+     *sizes, scale, device, stream) = args  # fmt: skip
+    assert (q_ptr, k_ptr, v_ptr) == (q.data_ptr(), k.data_ptr(), v.data_ptr())  # no copies
+    assert q_stride == (N * H * d, d, H * d) and k_stride == v_stride == (N * Hkv * d, d, Hkv * d)
+    assert sizes == [B, H, Hkv, Nq, N, 128, d, 1]
+    assert out_ptr == out.data_ptr() and lse_ptr == lse.data_ptr() and 0 not in (flags_ptr, s_ptr)
+    assert scale == pytest.approx(0.125 * 1.4426950408889634) and stream == 7
+
+    recorded_launches.calls.clear()
+    s, out, lse = _cuda.valid_attention(q, k, None, unmasked, None, 0.125, False, False)
+    ((_, args),) = recorded_launches.calls
+    assert args[2] == 0 and args[5] == (0, 0, 0) and args[8] == 0 and args[9] == 0 and out is None and lse is None
+
+    recorded_launches.calls.clear()
+    full_q = torch.zeros(B, N, H, d, dtype=torch.float16).transpose(1, 2)
+    k16 = k.to(torch.float16)
+    total = _cuda.influence_sum(full_q, k16, torch.zeros(B, H, N), mask, None, 0.125)
+    assert total.shape == (B, N)
+    ((name, args),) = recorded_launches.calls
+    assert name == "influence_sum"
+    assert args[0] == full_q.data_ptr() and args[2] == (N * H * d, d, H * d)
+    assert list(args[7:14]) == [B, H, Hkv, N, 128, d, 0]
+
+
+@pytest.mark.skipif(HAS_GPU or _cuda._extension is None, reason="calls the compiled module where it cannot launch")
+def test_compiled_signatures_match_the_launchers(recorded_launches):
+    """The arguments _cuda.py passes are accepted by the compiled functions (which then fail: no device)."""
+    import importlib
+
+    extension = importlib.import_module("agdo_kernels._agdo_cuda")
+    q = torch.zeros(1, 2, 9, 64, dtype=torch.float16)
+    _cuda.valid_attention(q, q, q, torch.ones(1, 9, dtype=torch.bool), None, 0.125, True, True)
+    _cuda.influence_sum(q, q, torch.zeros(1, 2, 9), None, None, 0.125)
+    for name, args in recorded_launches.calls:
+        args = list(args)
+        args[-2] = 0  # device index (None for CPU tensors)
+        with pytest.raises(RuntimeError, match="cudaSetDevice"):
+            getattr(extension, name)(*args)
