@@ -18,7 +18,9 @@ Non-finite values (the same rule on every backend, applied here after the backen
   infinity anywhere (``q[b]``, ``k[b]``, ``v[b]`` when the output is returned, a given ``lse[b]``; padded
   positions included), or whose statistics overflow, comes back as NaN in EVERY output of that row
   (``s``/``out``/``lse``, ``I``, ``s0``/``abar_rr``); other rows are unaffected. Never finite on one
-  backend and NaN on another. No host synchronisation is needed for this.
+  backend and NaN on another. No host synchronisation is needed for this. A backend module whose
+  ``POISONS_NONFINITE_ROWS`` is True applies the rule inside its ``valid_attention``/``influence_sum``
+  (Triton: fused into its launches); for the others it is applied here.
 - ``greedy_order``: a NaN score counts as ``-inf`` when picking; tokens whose score is ``-inf`` (or NaN)
   are picked after every token with a larger score, lowest position first. Every valid token still gets
   exactly one step (dense steps), ``-1`` exactly where not ``valid``.
@@ -57,6 +59,10 @@ class ResponseAttention(NamedTuple):
     s0: torch.Tensor
     abar_rr: torch.Tensor
     lse: torch.Tensor
+
+
+def _poisons_nonfinite_rows(impl) -> bool:
+    return getattr(impl, "POISONS_NONFINITE_ROWS", False)
 
 
 def available_backends(device="cuda") -> dict:
@@ -114,10 +120,11 @@ def valid_attention(
     s, out, lse = impl.valid_attention(
         q, k, v if return_output else None, unmasked, attention_mask, scale, bool(return_output), bool(return_lse)
     )
-    # O is not scanned: from finite inputs it is a convex mix of V rows, and an overflow of the logits
-    # already makes S non-finite.
-    bad = _checks.nonfinite_rows(B, q, k, v if return_output else None, s, lse)
-    s, out, lse = _checks.poison_rows(bad, s, out, lse)
+    if not _poisons_nonfinite_rows(impl):
+        # O is not scanned: from finite inputs it is a convex mix of V rows, and an overflow of the logits
+        # already makes S non-finite.
+        bad = _checks.nonfinite_rows(B, q, k, v if return_output else None, s, lse)
+        s, out, lse = _checks.poison_rows(bad, s, out, lse)
     if not (return_output or return_lse):
         return s
     return ValidAttention(s, out, lse)
@@ -139,12 +146,14 @@ def influence(q, k, *, lse=None, attention_mask=None, query_mask=None, norm="sum
     _checks.check_choice(norm, "norm", _checks.INFLUENCE_NORMS)
     scale = _checks.check_scale(scale, d)
     impl = _backends.module(_backends.resolve(backend, q.device, "influence"))
-    bad = _checks.nonfinite_rows(B, q, k, lse)
+    poisons = _poisons_nonfinite_rows(impl)
+    bad = None if poisons else _checks.nonfinite_rows(B, q, k, lse)
     if lse is None:
         no_keys = torch.zeros(B, N, dtype=torch.bool, device=q.device)
         lse = impl.valid_attention(q, k, None, no_keys, attention_mask, scale, False, True)[2]
     total = impl.influence_sum(q, k, lse, attention_mask, query_mask, scale)
-    bad = bad | _checks.nonfinite_rows(B, lse, total)
+    if not poisons:
+        bad = bad | _checks.nonfinite_rows(B, lse, total)
     if norm == "mean":
         rows = torch.ones(B, N, dtype=torch.bool, device=q.device)
         for mask in (attention_mask, query_mask):
@@ -153,7 +162,8 @@ def influence(q, k, *, lse=None, attention_mask=None, query_mask=None, norm="sum
         total = total / rows.sum(-1, keepdim=True).clamp_min(1).to(total.dtype)
     elif norm == "max":
         total = total / total.amax(-1, keepdim=True).clamp_min(torch.finfo(total.dtype).tiny)
-    return _checks.poison_rows(bad, total)[0]
+    # A row poisoned by the backend stays NaN through either norm (NaN / x, x / NaN).
+    return total if poisons else _checks.poison_rows(bad, total)[0]
 
 
 def response_attention(q, k, *, response_start, attention_mask=None, shift=False, scale=None, backend="auto"):
@@ -183,7 +193,8 @@ def response_attention(q, k, *, response_start, attention_mask=None, shift=False
         rows_valid = attention_mask[:, P:] & attention_mask[:, pred]
         s0 = s0 * rows_valid
         abar_rr.mul_(rows_valid[:, :, None])  # in place: keeps the backend's layout
-    bad = _checks.nonfinite_rows(B, q, k, s, lse, abar_rr)
+    # A backend that poisons rows already turned non-finite q/k into NaN rows of s and lse.
+    bad = _checks.nonfinite_rows(B, *(() if _poisons_nonfinite_rows(impl) else (q, k)), s, lse, abar_rr)
     return ResponseAttention(*_checks.poison_rows(bad, s0, abar_rr, lse))
 
 

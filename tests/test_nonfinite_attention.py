@@ -171,3 +171,33 @@ def test_zero_kv_heads_is_an_error_naming_k():
     q, k = torch.zeros(1, 2, 5, D), torch.zeros(1, 0, 5, D)
     with pytest.raises(ValueError, match=r"`k` must have at least one head"):
         agdo_kernels.influence(q, k)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton runs on a GPU, or on CPU under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_row_flags_and_finish_against_torch(dtype):
+    """The Triton backend's device-side rule: flags from strided tensors of rank 2-4 (one poisoned element
+    per tensor, padded positions included) and the head average + poisoning, against plain torch."""
+    from agdo_kernels.triton.nonfinite import finish_rows, flag_nonfinite_rows
+
+    gen = torch.Generator().manual_seed(7)
+    Bn, Hn, Nn, Dn = 5, 3, 37, 24  # D not a power of two: the scan tile masks its columns
+    q = torch.randn(Bn, Nn, Hn, Dn, generator=gen).to(DEVICE, dtype).transpose(1, 2)  # a strided view
+    lse = torch.randn(Bn, Hn, Nn, generator=gen).to(DEVICE)
+    mask_like = torch.randn(Bn, Nn, generator=gen).to(DEVICE)
+    q[1, 2, 36, 23] = NAN
+    lse[3, 0, 0] = -INF
+    mask_like[4, 11] = INF
+    flags = flag_nonfinite_rows(Bn, q, lse, mask_like, device=DEVICE)
+    assert flags.dtype == torch.int32
+    assert (flags != 0).tolist() == [False, True, False, True, True]
+    assert not flag_nonfinite_rows(Bn, None, device=DEVICE).any()
+
+    part = torch.rand(Bn, Hn, Nn, generator=gen).to(DEVICE)
+    out = torch.randn(Bn, Hn, Nn, Dn, generator=gen).to(DEVICE, dtype)
+    lse_out, clean_out = lse.clone(), out.clone()
+    got = finish_rows(part, flags, lse_out, out)
+    bad = flags != 0
+    torch.testing.assert_close(got[~bad], part.mean(1)[~bad], atol=1e-6, rtol=1e-6)
+    assert torch.isnan(got[bad]).all() and torch.isnan(lse_out[bad]).all() and torch.isnan(out[bad]).all()
+    assert torch.equal(lse_out[~bad], lse[~bad]) and torch.equal(out[~bad], clean_out[~bad])

@@ -9,4 +9,7 @@ from .influence import influence_sum
 from .response_attention import response_block
 from .valid_attention import valid_attention
 
+# valid_attention and influence_sum apply the non-finite row rule themselves, on the device (nonfinite.py).
+POISONS_NONFINITE_ROWS = True
+
 __all__ = ["valid_attention", "influence_sum", "response_block", "greedy_order"]

@@ -4,7 +4,8 @@ FlashAttention-backward structure: one program per (block of ``BLOCK_N`` keys, b
 its key tile resident and streams every query block of that head, recomputing
 ``p = exp2(k.q * qk_scale - lse2)`` transposed (keys x queries) so the column sums it needs are row
 sums, which stay inside a warp. Column sums accumulate in fp32 registers; each program writes its
-head's partial ``(B, H, N)`` row and torch sums over heads afterwards: deterministic, no atomics.
+head's partial ``(B, H, N)`` row and one more launch averages over heads (:func:`.nonfinite.finish_rows`,
+with the non-finite row rule): deterministic, no atomics on the statistics.
 
 Why one program per query head rather than per GQA group: the key tile is loaded once either way and
 the streamed queries are the same, but a group-per-program grid has ``g`` times fewer programs, which
@@ -32,6 +33,7 @@ from ._common import (
     tuning_bucket,
     tuning_configs,
 )
+from .nonfinite import finish_rows, flag_if_nonfinite, flag_nonfinite_rows
 
 # (BLOCK_M query rows per step, BLOCK_N keys per program, num_warps, num_stages) for H100.
 _GPU_CONFIGS = [
@@ -80,6 +82,7 @@ def _influence_kernel(
     lse2_ptr,
     key_mask_ptr,
     part_ptr,
+    flags_ptr,
     stride_qb,
     stride_qh,
     stride_qn,
@@ -120,7 +123,9 @@ def _influence_kernel(
             k, q_base, lse2_row, m_full, N, stride_qn, stride_qd, qk_scale, HEAD_DIM, BLOCK_M, True, DOT_PRECISION
         )
     keys = real_keys(key_mask_ptr + b * N, offs_n, N, HAS_KEY_MASK)
-    tl.store(part_ptr + bh * N + offs_n, tl.where(keys, col_sum, 0.0), mask=offs_n < N)
+    col_sum = tl.where(keys, col_sum, 0.0)
+    tl.store(part_ptr + bh * N + offs_n, col_sum, mask=offs_n < N)
+    flag_if_nonfinite(flags_ptr, b, col_sum)  # an overflow poisons the row
 
 
 def influence_sum(q, k, lse, attention_mask, query_mask, scale):
@@ -131,6 +136,7 @@ def influence_sum(q, k, lse, attention_mask, query_mask, scale):
     if B * H * N == 0:
         return torch.zeros(B, N, dtype=torch.float32, device=q.device)
 
+    flags = flag_nonfinite_rows(B, q, k, lse, device=q.device)  # the non-finite row rule, on the inputs
     lse2 = lse_log2(lse)
     rows = None
     for mask in (attention_mask, query_mask):
@@ -146,10 +152,10 @@ def influence_sum(q, k, lse, attention_mask, query_mask, scale):
 
     launch(
         _influence_kernel, grid,
-        q, k, lse2, key_mask if key_mask is not None else part, part,
+        q, k, lse2, key_mask if key_mask is not None else part, part, flags,
         *q.stride(), *k.stride(),
         H, H // Hkv, N, tuning_bucket(N), scale * LOG2E,
         HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
         gpu_configs=_GPU_CONFIGS, dtype=q.dtype, head_dim=d, device=q.device,
     )  # fmt: skip
-    return part.sum(1) / H
+    return finish_rows(part, flags)

@@ -3,8 +3,9 @@
 One program per (block of ``BLOCK_M`` query rows, batch, query head) streams the key blocks with an
 online softmax. Beside the denominator ``l = sum_k p`` it keeps ``u = sum_{k in U} p``, rescaled by the
 same ``exp2(m_old - m_new)`` factor whenever the running max moves, so ``S_h = u / l`` is exact at the
-end. Each program writes its head's ``S_h`` to a small fp32 ``(B, H, N)`` buffer and torch averages over
-heads afterwards: deterministic, no atomics.
+end. Each program writes its head's ``S_h`` to a small fp32 ``(B, H, N)`` buffer that one more launch
+averages over heads (:func:`.nonfinite.finish_rows`, which also applies the non-finite row rule):
+deterministic, no atomics on the statistics.
 
 Why not one program per GQA group: packing the ``g`` heads of a group into one tile does not cut K/V
 traffic (the number of (query tile, key block) pairs is the same), while programs of the same head run
@@ -26,6 +27,7 @@ from ._common import (
     tuning_bucket,
     tuning_configs,
 )
+from .nonfinite import finish_rows, flag_if_nonfinite, flag_nonfinite_rows
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for H100, head dims 64/128, the first one pinned. Only configs
 # without register spills on sm_90 at head dim 128 (bench/compile_report.py: 128x128 tiles spill 48 B, and
@@ -110,6 +112,7 @@ def _valid_attention_kernel(
     s_part_ptr,
     out_ptr,
     lse_ptr,
+    flags_ptr,
     stride_qb,
     stride_qh,
     stride_qn,
@@ -187,9 +190,11 @@ def _valid_attention_kernel(
             padded_row = tl.load(key_bias_row + query_key, mask=query_key < N, other=0.0) != 0.0
             s_head = tl.where(padded_row, 0.0, s_head)
         tl.store(s_part_ptr + bh * N_Q + offs_m, s_head, mask=rows_inside)
+        flag_if_nonfinite(flags_ptr, b, tl.where(rows_inside, s_head, 0.0))  # an overflow poisons the row
     if RETURN_LSE:
-        lse = (row_max + tl.math.log2(safe_sum)) * 0.6931471805599453  # base 2 -> natural log
-        tl.store(lse_ptr + bh * N_Q + offs_m, tl.where(has_keys, lse, 0.0), mask=rows_inside)
+        lse = tl.where(has_keys, (row_max + tl.math.log2(safe_sum)) * 0.6931471805599453, 0.0)  # natural log
+        tl.store(lse_ptr + bh * N_Q + offs_m, lse, mask=rows_inside)
+        flag_if_nonfinite(flags_ptr, b, tl.where(rows_inside, lse, 0.0))
     if RETURN_OUTPUT:
         out = acc / safe_sum[:, None]
         offs_dv = tl.arange(0, DV)
@@ -210,12 +215,15 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
         lse = torch.zeros(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
         return s, out, lse
 
+    # The non-finite row rule (agdo_kernels docstring) is applied here: inputs scanned first, the kernel
+    # flags overflowing statistics, finish_rows poisons flagged rows while it averages S over heads.
+    flags = flag_nonfinite_rows(B, q, k, v, device=device)
     # The kernel writes every element of these (each row once, masked only past Nq).
     s_part = torch.empty(B, H, Nq, dtype=torch.float32, device=device)
     out = torch.empty(B, H, Nq, dv, dtype=q.dtype, device=device) if return_output else None
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
-    key_bias = None if attention_mask is None else torch.zeros(B, N, dtype=torch.float32, device=device).masked_fill_(
-        ~attention_mask, float("-inf"))
+    # The padding as an additive float32 bias: log(1) = 0 for a real key, log(0) = -inf for padding.
+    key_bias = None if attention_mask is None else attention_mask.contiguous().to(torch.float32).log_()
     v_arg = v if return_output else k  # unused stand-ins keep the signature fixed
     out_arg = out if return_output else s_part
 
@@ -226,8 +234,8 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
         _valid_attention_kernel, grid,
         q, k, v_arg,
         key_bias if key_bias is not None else s_part,
-        unmasked.to(torch.float32).contiguous(), s_part, out_arg,
-        lse if return_lse else s_part,
+        unmasked.contiguous().to(torch.float32), s_part, out_arg,
+        lse if return_lse else s_part, flags,
         *q.stride(), *k.stride(), *v_arg.stride(),
         *(out.stride() if return_output else (0, 0, 0, 0)),
         H, H // Hkv, Nq, N, tuning_bucket(N), scale * LOG2E,
@@ -236,5 +244,4 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
         DOT_PRECISION=dot_precision(q.dtype),
         gpu_configs=_GPU_CONFIGS, dtype=q.dtype, head_dim=d, device=device,
     )  # fmt: skip
-    s = s_part.sum(1) / H
-    return s, out, lse
+    return finish_rows(s_part, flags, lse, out), out, lse
