@@ -113,7 +113,7 @@ def _kernel_layout(t):
     """``t`` itself when the kernels can read it in place, else a contiguous copy; with its (b, h, n) strides."""
     strides = tuple(s if n > 1 else 0 for s, n in zip(t.stride()[:3], t.shape[:3]))
     if t.stride(-1) != 1 or any(s % 8 for s in strides) or t.data_ptr() % 16:
-        t = t.contiguous()
+        t = t.clone(memory_format=torch.contiguous_format)  # a fresh allocation: also fixes a misaligned start
         strides = tuple(s if n > 1 else 0 for s, n in zip(t.stride()[:3], t.shape[:3]))
     return t, strides
 

@@ -370,6 +370,11 @@ def test_kernel_layout_reads_transformers_views_in_place():
     ragged = torch.zeros(2, 3, 5, 68, dtype=torch.float16)[..., :64]
     copied, strides = _cuda._kernel_layout(ragged)
     assert copied.is_contiguous() and copied.data_ptr() != ragged.data_ptr()
+    # Contiguous but starting 8 bytes past an aligned address: copied too (16-byte cp.async needs alignment).
+    shifted = torch.zeros(4 + 2 * 3 * 64, dtype=torch.float16)[4:].view(1, 2, 3, 64)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 == 8
+    copied, _ = _cuda._kernel_layout(shifted)
+    assert copied.data_ptr() % 16 == 0 and torch.equal(copied, shifted)
 
 
 @pytest.mark.skipif(_cuda._extension is None, reason="the CUDA extension is not built")
