@@ -262,7 +262,8 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
     float s[kTile / 8][4];
     rows_times_tile<T, D>(s, q_fragment, k_tile, lane);
 
-    // Keys: column 8j + 2t + (e & 1) of n-tile j. Padding and keys past N get -inf; U as a 16-bit mask.
+    // Keys: column 8j + 2t + (e & 1) of n-tile j. Padding and keys past N get -inf; U as a 16-bit mask. The
+    // logits stay unscaled here: the scale is folded into the exp2 argument below (one FFMA per element).
     std::uint32_t in_u = 0;
 #pragma unroll
     for (int j = 0; j < kTile / 8; ++j) {
@@ -270,7 +271,7 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const unsigned int flag = pair >> (8 * (e & 1));
-        s[j][e] = (flag & kKeyReal) ? s[j][e] * qk_scale : -INFINITY;
+        s[j][e] = (flag & kKeyReal) ? s[j][e] : -INFINITY;
       }
       in_u |= ((pair & kKeyInU) ? 1u : 0u) << (2 * j);
       in_u |= ((pair >> 8 & kKeyInU) ? 1u : 0u) << (2 * j + 1);
@@ -288,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
       float block_max = -INFINITY;
 #pragma unroll
       for (int j = 0; j < kTile / 8; ++j) block_max = fmaxf(block_max, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-      const float new_max = fmaxf(row_max[r], quad_max(block_max));
+      const float new_max = fmaxf(row_max[r], quad_max(block_max) * qk_scale);  // qk_scale > 0
       // A row that has only seen padding keeps max -inf: subtract 0 instead, so exp2 gives 0, not NaN.
       const float reference = new_max == -INFINITY ? 0.0f : new_max;
       const float alpha = fast_exp2(row_max[r] - reference);
@@ -299,7 +300,7 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
       for (int j = 0; j < kTile / 8; ++j) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          const float p = fast_exp2(s[j][2 * r + c] - reference);
+          const float p = fast_exp2(fmaf(s[j][2 * r + c], qk_scale, -reference));
           s[j][2 * r + c] = p;
           block_sum += p;
           block_u += (in_u >> (2 * j + c) & 1u) ? p : 0.0f;
