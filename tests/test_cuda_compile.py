@@ -78,7 +78,8 @@ def _short_name(mangled: str) -> str:
         elif number:
             parts.append(number)
         else:
-            parts.append("out" if flag == "1" else "no-out")
+            labels = ("S-in-smem", "S-in-regs") if name == "greedy_rank_kernel" else ("out", "no-out")
+            parts.append(labels[0] if flag == "1" else labels[1])
     return f"{name}<{', '.join(parts)}>" if parts else name
 
 
