@@ -217,7 +217,9 @@ def _launch_arguments(case: Case):
         raise RuntimeError(f"{case.kernel}: the launcher returned without launching")
     if spec.tuned:
         block_m, block_n, kwargs["num_warps"], kwargs["num_stages"] = case.config
-        kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n)
+        from agdo_kernels.triton._common import FP_FUSION
+
+        kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, enable_fp_fusion=FP_FUSION)  # as _common.launch
     if case.floor:
         kwargs["COMPUTE_S"] = False
     if case.max_registers:

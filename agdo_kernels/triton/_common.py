@@ -44,6 +44,10 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+# Multiply-adds fused into FMAs (Triton's default, named so a change of default cannot silently change the
+# kernels' rounding): one rounding per multiply-add, as in the CUDA kernels.
+FP_FUSION = True
+
 # Interpreter runs (CPU tests) use one small tile: fast, and the autotuner never benchmarks.
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
 def tuning_configs(gpu_configs):
@@ -73,9 +77,10 @@ def launch(kernel, grid, *args, gpu_configs, dtype: torch.dtype, head_dim: int, 
     with guard:
         if deterministic() or dtype == torch.float32 or head_dim > 128 or triton_interpreted():
             m, n, w, s = pinned_config(gpu_configs, dtype, head_dim)
-            kernel.fn[grid](*args, **constexprs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+            kernel.fn[grid](*args, **constexprs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s,
+                            enable_fp_fusion=FP_FUSION)
         else:
-            kernel[grid](*args, **constexprs)
+            kernel[grid](*args, **constexprs, enable_fp_fusion=FP_FUSION)
 
 
 def tuning_bucket(n: int) -> int:
