@@ -4,8 +4,10 @@ Groups (one per op and shape), each with its baseline:
 - ``valid_attention``: the SDPA forward alone (flash backend on GPU) is the time baseline; beside it
   (a) eager attention that materialises P and reduces it (what ``output_attentions=True`` costs),
   (b) stock SDPA with the mask appended to V as an extra column (S per head from any fused kernel),
-  (c) the chunked torch reference, (d) the Triton kernel (GPU only).
-- ``influence``: the same SDPA forward as time baseline; eager column sums, the torch reference, Triton.
+  (c) the chunked torch reference, (d) the Triton kernel and (e) the CUDA kernel of csrc/ (GPU only; the
+  CUDA one where the extension is built).
+- ``influence``: the same SDPA forward as time baseline; eager column sums, the torch reference, Triton,
+  CUDA.
 Shapes: the last layer of Dream (H=28, Hkv=4, d=128) and LLaDA (H=Hkv=32, d=128). GPU: bf16, N up to
 8192, B 1 and 8; CPU: float32 at small N only (the interpreter is not a performance backend).
 """
@@ -75,6 +77,15 @@ def eager_influence(q, k):
     return _eager_probs(q, k).mean(1).sum(1)
 
 
+def _skip_unavailable(impl, op):
+    if impl == "triton" and not ON_GPU:
+        pytest.skip("Triton is timed on a GPU only (the CPU interpreter is a correctness tool)")
+    if impl == "cuda":
+        reason = agdo_kernels.available_backends(DEVICE)[op]["cuda"]
+        if reason is not None:
+            pytest.skip(reason)
+
+
 def _eager_fits(model, B, N):
     H = MODELS[model][0]
     return B * H * N * N * 6 <= EAGER_BUDGET_BYTES
@@ -82,7 +93,7 @@ def _eager_fits(model, B, N):
 
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("B,N", SIZES)
-@pytest.mark.parametrize("impl", ["sdpa_forward", "eager", "sdpa_mask_column", "torch_reference", "triton"])
+@pytest.mark.parametrize("impl", ["sdpa_forward", "eager", "sdpa_mask_column", "torch_reference", "triton", "cuda"])
 def test_valid_attention(measure, model, B, N, impl):
     q, k, v, unmasked = _inputs(model, B, N)
     fns = {
@@ -91,9 +102,9 @@ def test_valid_attention(measure, model, B, N, impl):
         "sdpa_mask_column": lambda: sdpa_with_mask_column(q, k, v, unmasked),
         "torch_reference": lambda: agdo_kernels.valid_attention(q, k, v, unmasked=unmasked, return_output=True, backend="torch"),
         "triton": lambda: agdo_kernels.valid_attention(q, k, v, unmasked=unmasked, return_output=True, backend="triton"),
+        "cuda": lambda: agdo_kernels.valid_attention(q, k, v, unmasked=unmasked, return_output=True, backend="cuda"),
     }
-    if impl == "triton" and not ON_GPU:
-        pytest.skip("Triton is timed on a GPU only (the CPU interpreter is a correctness tool)")
+    _skip_unavailable(impl, "valid_attention")
     if impl == "eager" and not _eager_fits(model, B, N):
         pytest.skip("eager attention probabilities would not fit in memory")
     measure(fns[impl], group=f"valid_attention S+O {model} B={B} N={N} {DTYPE}", impl=impl,
@@ -102,7 +113,7 @@ def test_valid_attention(measure, model, B, N, impl):
 
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("B,N", SIZES)
-@pytest.mark.parametrize("impl", ["sdpa_forward", "eager", "torch_reference", "triton"])
+@pytest.mark.parametrize("impl", ["sdpa_forward", "eager", "torch_reference", "triton", "cuda"])
 def test_influence(measure, model, B, N, impl):
     q, k, v, _ = _inputs(model, B, N)
     # The row lse comes out of the forward pass the model runs anyway; I is the extra pass.
@@ -113,9 +124,9 @@ def test_influence(measure, model, B, N, impl):
         "eager": lambda: eager_influence(q, k),
         "torch_reference": lambda: agdo_kernels.influence(q, k, lse=lse, backend="torch"),
         "triton": lambda: agdo_kernels.influence(q, k, lse=lse, backend="triton"),
+        "cuda": lambda: agdo_kernels.influence(q, k, lse=lse, backend="cuda"),
     }
-    if impl == "triton" and not ON_GPU:
-        pytest.skip("Triton is timed on a GPU only (the CPU interpreter is a correctness tool)")
+    _skip_unavailable(impl, "influence")
     if impl == "eager" and not _eager_fits(model, B, N):
         pytest.skip("eager attention probabilities would not fit in memory")
     measure(fns[impl], group=f"influence {model} B={B} N={N} {DTYPE}", impl=impl,
