@@ -25,8 +25,9 @@ stage() {  # stage NAME LIMIT COMMAND...: run with a time limit, log to $out/NAM
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu_device.txt"
 stage build "$build_limit" bash -c 'AGDO_BUILD_CUDA=1 python3 -m pip install --no-deps --no-build-isolation -e . &&
     python3 -c "import agdo_kernels, json; print(json.dumps(agdo_kernels.available_backends(\"cuda\"), indent=1))"'
-stage gpu_tests "$tests_limit" python3 -m pytest -n 8 -q -ra tests/test_valid_attention.py tests/test_influence.py \
-    tests/test_response_attention.py tests/test_greedy_order.py tests/test_triton_attention.py
+stage gpu_tests "$tests_limit" python3 -m pytest -n 8 -q -ra tests/test_cuda_attention.py tests/test_valid_attention.py \
+    tests/test_influence.py tests/test_response_attention.py tests/test_greedy_order.py tests/test_triton_attention.py \
+    tests/test_nonfinite_attention.py tests/test_launch_configs.py
 stage profile 60 python3 bench/profile_kernels.py
 # One pytest per benchmark file so a time-out loses one table, not all; the kernels' tables first; the CPU
 # cases are left to CPU runs.
