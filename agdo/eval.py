@@ -56,6 +56,7 @@ class EvalConfig:
     stop_at_eos: bool = False  # TraceRL's early stop; off = every position decoded (reference samplers)
     schedule: str = "linear"  # static schedule (paper 003 App. B.2: linear, cosine, sqrt, exp, log, ...)
     cache: str = "none"  # block KV cache: none (exact) | prefix | dual (Fast-dLLM's approximations; agdo.sampling)
+    cache_lookahead: Optional[int] = None  # prefix cache: positions after the block recomputed (None: all)
     batch_size: int = 8
     output_dir: str = "runs/eval"
 
@@ -89,6 +90,7 @@ class EvalConfig:
                 temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, alg=alg,
                 threshold=self.threshold, candidate_threshold=self.candidate_threshold, schedule=self.schedule,
                 confidence_from=self.confidence_from, stop_at_eos=self.stop_at_eos, cache=self.cache,
+                cache_lookahead=self.cache_lookahead,
             )
         except ValueError as error:
             raise ValueError(f"EvalConfig (algs entry {alg!r}): {error}") from None

@@ -4,7 +4,7 @@ Every case decodes the same prompts (64 tokens; in batches, row 0 left-padded) w
 linear schedule of 4 steps per block (8 tokens per step) and no EOS rule, so the arms of a group run the
 same number of forward passes; only the cost of a pass differs: the whole sequence (``none``, and the
 first step of every block with a cache), the block and what follows it (``prefix``), or the block alone
-(``dual``). Groups are one response length and batch ("one" sequence, "many" = 4); the baseline is
+(``dual``), or the block and the next block (``prefix+32``: ``cache_lookahead=32``). Groups are one response length and batch ("one" sequence, "many" = 4); the baseline is
 ``none`` with Max-Prob. The note gives tokens/s (batch x response length / median time) and ms per sequence.
 
 - CPU (every run): a tiny randomly initialised bidirectional Llama (hidden 64, 2 layers), float32.
@@ -31,10 +31,11 @@ PROMPT_LENGTH, BLOCK, STEPS_PER_BLOCK, MANY = 64, 32, 4, 4
 
 
 def _cases(one_lengths, many_lengths, max_s_one):
-    """``(gen_length, batch, cache, alg)``: every cache with Max-Prob for one sequence at ``one_lengths`` and
-    for many at ``many_lengths``; Max-S for many, and for one at ``max_s_one``."""
+    """``(gen_length, batch, cache, alg)``: every cache with Max-Prob for one sequence at ``one_lengths`` (and
+    the prefix cache with a lookahead window of one block, "prefix+32") and for many at ``many_lengths``;
+    Max-S for many, and for one at ``max_s_one``."""
     caches = ("none", "prefix", "dual")
-    cases = [(length, 1, cache, "max_prob") for length in one_lengths for cache in caches]
+    cases = [(length, 1, cache, "max_prob") for length in one_lengths for cache in caches + (f"prefix+{BLOCK}",)]
     cases += [(length, 1, cache, "max_s") for length in max_s_one for cache in caches]
     cases += [(length, MANY, cache, alg) for length in many_lengths for cache in caches for alg in ("max_prob", "max_s")]
     return cases
@@ -103,8 +104,10 @@ def _decode(measure, model_and_prompts, case, device: str, rounds: int):
     adapter, (ids, mask) = model_and_prompts
     gen_length, batch, cache, alg = case
     ids, mask = ids[-batch:], mask[-batch:]  # one sequence: an unpadded row
+    mode, _, lookahead = cache.partition("+")
     config = SamplerConfig(gen_length=gen_length, steps=STEPS_PER_BLOCK * gen_length // BLOCK, block_length=BLOCK,
-                           alg=alg, cache=cache, stop_at_eos=False)
+                           alg=alg, cache=mode, cache_lookahead=int(lookahead) if lookahead else None,
+                           stop_at_eos=False)
     seconds = []
 
     def decode():

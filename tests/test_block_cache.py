@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_models import FIXTURES, generic_model, remote_model_dir, write_random_weights  # noqa: E402
 
 CASES = ["qwen2_gqa_shifted", "llama_mha", "dream", "llada"]
-CACHED = [(case, mode) for case in CASES for mode in ("prefix", "dual") if (case, mode) != ("llada", "dual")]
+# A mode is a cache setting: "prefix+3" = cache="prefix" with cache_lookahead=3 (not LLaDA, like "dual").
+CACHED = [(case, mode) for case in CASES for mode in ("prefix", "dual", "prefix+3") if case != "llada" or mode == "prefix"]
 P, R, L = 6, 16, 4  # prompt, response, block
 TOLERANCE = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=1e-4)}
 RECORDS = ("confidences", "predictions", "masked", "prediction_probs", "s", "token_probs")
@@ -111,6 +112,17 @@ def counted(calls: list, name: str, function):
     return counted_function
 
 
+def cache_settings(mode: str) -> dict:
+    """``SamplerConfig`` fields of a test mode."""
+    cache, _, lookahead = mode.partition("+")
+    return dict(cache=cache, cache_lookahead=int(lookahead) if lookahead else None)
+
+
+def make_cache(adapter, mode: str, attention_mask=None):
+    settings = cache_settings(mode)
+    return adapter.block_cache(settings["cache"], attention_mask, lookahead=settings["cache_lookahead"])
+
+
 def close(actual, expected, dtype):
     torch.testing.assert_close(actual, expected, equal_nan=True, **TOLERANCE[dtype])
 
@@ -125,7 +137,7 @@ def test_cached_step_in_the_same_state_reproduces_the_full_forward(adapters, cas
     dtype = adapter.model.dtype
     x, real, unmasked = state(padded)
     full = adapter.forward(x, real, unmasked=unmasked)
-    cache = adapter.block_cache(mode, real)
+    cache = make_cache(adapter, mode, real)
     calls = []
     for name in ("prefill", "step"):
         monkeypatch.setattr(cache.runner, name, counted(calls, name, getattr(cache.runner, name)))
@@ -135,7 +147,7 @@ def test_cached_step_in_the_same_state_reproduces_the_full_forward(adapters, cas
     close(block_start.logits, full.logits, dtype)
     close(block_start.s, full.s, dtype)
     # Shifted models: the fed window starts one row before the block, its first token's predictor.
-    assert cache.fed == (first - adapter.shift, P + R if mode == "prefix" else end)
+    assert cache.fed == (first - adapter.shift, {"prefix": P + R, "dual": end, "prefix+3": end + 3}[mode])
 
     # The kept K/V are those of the block's first step: a kept token changed since is not read again.
     changed = x.clone()
@@ -171,9 +183,9 @@ def test_statistics_other_than_s_are_refused_against_cached_keys():
 # ------------------------------------------------------------------------------------------ decoding
 
 
-def decode(adapter, cache, steps=R, **settings):
+def decode(adapter, mode, steps=R, **settings):
     ids, mask = prompts()
-    config = SamplerConfig(gen_length=R, steps=steps, block_length=L, cache=cache, return_confidences=True,
+    config = SamplerConfig(gen_length=R, steps=steps, block_length=L, **cache_settings(mode), return_confidences=True,
                            return_predictions=True, return_s=True, return_token_probs=True, **settings)
     return generate(adapter, ids, mask, config)
 
@@ -226,6 +238,24 @@ def test_dual_keeps_the_block_start_values_after_the_block_and_prefix_recomputes
     for step in range(1, steps_per_block):
         assert torch.equal(dual.prediction_probs[step, :, after], first_step)
     assert not torch.equal(prefix.prediction_probs[1, :, after], prefix.prediction_probs[0, :, after])
+
+
+@pytest.mark.parametrize("case", ["qwen2_gqa_shifted", "dream"])
+def test_a_lookahead_window_spans_prefix_and_dual(adapters, case):
+    """cache_lookahead=0 decodes exactly as dual, a window past the response exactly as prefix; a window in
+    between keeps the values past it from the block's first step and recomputes those inside it."""
+    adapter = adapters[case]
+    steps = 4 * R // L
+    for lookahead, same_as in ((0, "dual"), (R, "prefix")):
+        windowed, reference = decode(adapter, f"prefix+{lookahead}", steps), decode(adapter, same_as, steps)
+        assert torch.equal(windowed.sequences, reference.sequences) and torch.equal(windowed.trace, reference.trace)
+        for name in RECORDS:  # bit for bit (NaN where not recorded)
+            torch.testing.assert_close(getattr(windowed, name), getattr(reference, name), equal_nan=True, atol=0, rtol=0)
+    windowed = decode(adapter, "prefix+3", steps)
+    inside, past = slice(L, L + 3), slice(L + 3, R)  # during block 0's steps
+    for step in range(1, 4):
+        assert torch.equal(windowed.prediction_probs[step, :, past], windowed.prediction_probs[0, :, past])
+    assert not torch.equal(windowed.prediction_probs[1, :, inside], windowed.prediction_probs[0, :, inside])
 
 
 def test_the_fed_window_spans_the_active_blocks_of_the_unfinished_rows(adapters, monkeypatch):
@@ -311,14 +341,31 @@ def test_eval_and_rl_configs_hand_the_cache_to_the_sampler(tmp_path):
     from agdo.training.rl import RLConfig
 
     assert EvalConfig(cache="dual").sampler_config("max_s").cache == "dual"
+    assert EvalConfig(cache="prefix", cache_lookahead=8).sampler_config("max_s").cache_lookahead == 8
+    rl = RLConfig(output_dir=str(tmp_path), cache="prefix", cache_lookahead=4, report_to=[]).sampler_config()
+    assert (rl.cache, rl.cache_lookahead) == ("prefix", 4)
     assert RLConfig(output_dir=str(tmp_path), cache="prefix", report_to=[]).sampler_config().cache == "prefix"
     with pytest.raises(ValueError, match="cache must be one of"):
         EvalConfig(cache="full")
 
 
-def test_dual_is_refused_for_llada(adapters):
+def test_dual_and_a_lookahead_window_are_refused_for_llada(adapters):
     with pytest.raises(ValueError, match="cache='dual' is not supported for llada"):
         adapters["llada"].block_cache("dual")
+    with pytest.raises(ValueError, match="a prefix-cache lookahead window is not supported for llada"):
+        adapters["llada"].block_cache("prefix", lookahead=8)
+
+
+@pytest.mark.parametrize("cache,lookahead", [("dual", 3), ("none", 3), ("prefix", -1), ("prefix", 2.5),
+                                             ("prefix", True)])
+def test_bad_cache_lookahead_names_the_field(cache, lookahead):
+    with pytest.raises(ValueError, match="cache_lookahead must be None or an int >= 0, and only with cache='prefix'"):
+        SamplerConfig(cache=cache, cache_lookahead=lookahead)
+
+
+def test_bad_lookahead_of_the_block_cache_names_the_argument(adapters):
+    with pytest.raises(ValueError, match="`lookahead` must be None or an int >= 0 with cache='prefix'"):
+        adapters["llama_mha"].block_cache("dual", lookahead=2)
 
 
 def test_a_llada_file_whose_blocks_ignore_layer_past_is_refused(tmp_path):

@@ -13,6 +13,10 @@ at every step. With a :class:`BlockCache` (``adapter.block_cache(mode, attention
 
   - ``"prefix"``: fed = the block and everything after it (the suffix is recomputed at every step); kept =
     the prompt and the finished blocks;
+  - ``"prefix"`` with ``lookahead = w``: fed = the block and the next ``w`` positions; kept = the prompt, the
+    finished blocks and the masked positions past that window (stale like ``dual``'s). ``w = 0`` is ``dual``;
+    no ``lookahead`` is Fast-dLLM's prefix cache. The fed tokens per step then stop growing with the
+    response length (the prefix cache's cost per step is the block plus the whole masked suffix);
   - ``"dual"``: fed = the block only; kept = the prompt, the finished blocks AND the masked blocks after it.
 
   Shifted models (Dream) predict token ``i`` from row ``i - 1``: the fed window starts one position before
@@ -49,7 +53,8 @@ Per family, through the model's own cache:
   layer_past=(k, v), use_cache)`` concatenates the pre-RoPE ``layer_past`` before applying RoPE, placing
   the new tokens at the END of the positions (``key_len - query_len``). Each block's ``attention`` is
   wrapped for the forward to record (first step) or to be given (later steps) its ``layer_past`` and the
-  key mask. Hence ``prefix`` only: ``dual`` is refused (the fed block is not at the end of the positions).
+  key mask. Hence ``prefix`` without ``lookahead`` only: ``dual`` and a lookahead window are refused (the
+  fed tokens would not be at the end of the positions).
   A modeling file whose blocks ignore ``layer_past`` is detected (one token through the first block) when
   the cache is created, and refused.
 
@@ -85,19 +90,27 @@ class BlockCache:
     ``forward(input_ids, fresh, unmasked=None)`` is a drop-in for ``adapter.forward`` in a semi-AR
     sampler: ``fresh = (first, end)`` are the positions whose logits the step needs fresh (the blocks being
     decoded). A fed window different from the last call's — or asking for ``S`` where the last call did
-    not — starts a new block: a full forward.
+    not — starts a new block: a full forward. ``lookahead`` (``prefix`` only): how many positions after the
+    fresh ones are fed too (None: all of them).
     """
 
-    def __init__(self, adapter, mode: str, attention_mask: Optional[torch.Tensor] = None):
+    def __init__(self, adapter, mode: str, attention_mask: Optional[torch.Tensor] = None,
+                 lookahead: Optional[int] = None):
         if mode not in BLOCK_CACHE_MODES:
             raise ValueError(f"`cache` must be one of {BLOCK_CACHE_MODES}, got {mode!r}")
+        if lookahead is not None and (mode != "prefix" or isinstance(lookahead, bool) or not isinstance(lookahead, int)
+                                      or lookahead < 0):
+            raise ValueError(f"`lookahead` must be None or an int >= 0 with cache='prefix', got {lookahead!r} "
+                             f"with cache={mode!r}")
         family_cache = _FAMILY_CACHES[adapter.family]
-        if mode == "dual" and not family_cache.supports_dual:
+        if (mode == "dual" or lookahead is not None) and not family_cache.supports_dual:
+            what = "cache='dual'" if mode == "dual" else "a prefix-cache lookahead window"
             raise ValueError(
-                f"cache='dual' is not supported for {adapter.family}: its blocks place the fed tokens at the end of "
-                "the positions (RoPE at key_len - query_len), but the dual cache feeds the block before the cached "
-                "suffix; use cache='prefix'"
+                f"{what} is not supported for {adapter.family}: its blocks place the fed tokens at the end of "
+                "the positions (RoPE at key_len - query_len), but this cache feeds the block before cached "
+                "positions; use cache='prefix' without a lookahead"
             )
+        self.lookahead = 0 if mode == "dual" else lookahead
         self.runner = family_cache(adapter)
         self.adapter = adapter
         self.mode = mode
@@ -117,7 +130,7 @@ class BlockCache:
         N = input_ids.shape[1]
         if not 0 <= first < end <= N:
             raise ValueError(f"`fresh` must be positions 0 <= first < end <= {N}, got {fresh}")
-        fed = (max(first - int(self.adapter.shift), 0), N if self.mode == "prefix" else end)
+        fed = (max(first - int(self.adapter.shift), 0), N if self.lookahead is None else min(end + self.lookahead, N))
         if fed != self.fed or (unmasked is None) != (self.s is None):
             self._full_forward(input_ids, fed, unmasked)
         else:

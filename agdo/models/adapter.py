@@ -165,13 +165,13 @@ class DiffusionLMAdapter:
             influence=statistics.influence,
         )
 
-    def block_cache(self, mode: str, attention_mask: Optional[torch.Tensor] = None):
-        """A semi-AR block KV cache (``mode`` ``"prefix"`` / ``"dual"``) over this model for one batch padded as
-        ``attention_mask (B, N)``: its ``forward(input_ids, fresh, unmasked=None)`` stands in for :meth:`forward`
-        in a sampler (``agdo.models._block_cache``)."""
+    def block_cache(self, mode: str, attention_mask: Optional[torch.Tensor] = None, lookahead: Optional[int] = None):
+        """A semi-AR block KV cache (``mode`` ``"prefix"`` / ``"dual"``; ``prefix`` with a ``lookahead`` window)
+        over this model for one batch padded as ``attention_mask (B, N)``: its ``forward(input_ids, fresh,
+        unmasked=None)`` stands in for :meth:`forward` in a sampler (``agdo.models._block_cache``)."""
         from ._block_cache import BlockCache  # that module builds on this one
 
-        return BlockCache(self, mode, attention_mask)
+        return BlockCache(self, mode, attention_mask, lookahead)
 
     def _layer_target(self, layer: int) -> nn.Module:
         """The hooked module of layer ``0 <= layer < num_layers`` (the last one is ``self._target``)."""

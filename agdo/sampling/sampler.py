@@ -61,9 +61,10 @@ block*, the first block that still has a masked position. Every step is one forw
 Block KV cache (``SamplerConfig.cache``, Fast-dLLM's caches; :mod:`agdo.models._block_cache`). ``"none"``
 (default): every step is a forward over the whole sequence, as above. ``"prefix"`` / ``"dual"``: the first
 step of a block is that full forward and also keeps every layer's K/V; the block's later steps run the
-model on the block and everything after it (``prefix``) or on the block alone (``dual``), attending to the
-K/V kept for the other positions (``prefix``: the prompt and finished blocks; ``dual``: also the masked
-blocks after it). The block is the batch's: the fed window spans the active blocks of the unfinished rows,
+model on the block and everything after it (``prefix``), the block and the next ``cache_lookahead``
+positions (``prefix`` with a lookahead window) or the block alone (``dual``), attending to the K/V kept for
+the other positions (``prefix``: the prompt and finished blocks; with a window or ``dual``: also the masked
+positions after what is fed). The block is the batch's: the fed window spans the active blocks of the unfinished rows,
 so rows on different blocks (dynamic unmasking, early stop) all get fresh logits, and a new window — the
 lowest active block finished by every row on it, a row moving past the highest (``dual``), a row finishing
 — starts with a full forward. The selection rules above are unchanged. It is an APPROXIMATION: after a
@@ -154,6 +155,9 @@ class SamplerConfig:
             samplers decode every position.
         cache: block KV cache, one of ``CACHE_MODES`` (module docstring): ``"none"`` (exact, default),
             ``"prefix"`` or ``"dual"`` (Fast-dLLM's; approximations after each block's first step).
+        cache_lookahead: with ``cache="prefix"``, how many masked positions after the block are recomputed
+            with it at every step (the rest keep the K/V of the block's first step, as ``dual`` keeps them);
+            None (default) = all of them, Fast-dLLM's prefix cache; 0 = ``dual``. Not for LLaDA.
         return_confidences / return_predictions / return_s / return_token_probs: per-step records, see
             :class:`GenerationResult`.
     """
@@ -173,6 +177,7 @@ class SamplerConfig:
     eps: float = DREAM_EPS
     stop_at_eos: bool = False
     cache: str = "none"
+    cache_lookahead: Optional[int] = None
     return_confidences: bool = False
     return_predictions: bool = False
     return_s: bool = False
@@ -218,6 +223,11 @@ class SamplerConfig:
             problems.append(f"eps must be in (0, 1), got {self.eps}")
         if self.cache not in CACHE_MODES:
             problems.append(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        if self.cache_lookahead is not None and (self.cache != "prefix" or isinstance(self.cache_lookahead, bool)
+                                                 or not isinstance(self.cache_lookahead, int)
+                                                 or self.cache_lookahead < 0):
+            problems.append(f"cache_lookahead must be None or an int >= 0, and only with cache='prefix'; got "
+                            f"cache_lookahead={self.cache_lookahead!r} with cache={self.cache!r}")
         if problems:
             raise ValueError("SamplerConfig: " + "; ".join(problems))
 
@@ -350,7 +360,8 @@ def generate(
         if not callable(getattr(adapter, "block_cache", None)):
             raise ValueError(f"SamplerConfig.cache={config.cache!r} needs an adapter with a block KV cache "
                              "(`block_cache(mode, attention_mask)`, as agdo.models adapters have)")
-        block_cache = adapter.block_cache(config.cache, attention_mask)
+        block_cache = (adapter.block_cache(config.cache, attention_mask) if config.cache_lookahead is None
+                       else adapter.block_cache(config.cache, attention_mask, lookahead=config.cache_lookahead))
     if not config.dynamic:
         block_steps = config.steps // config.num_blocks
         per_step = tokens_per_step(config.schedule, L, block_steps, config.eps).to(device)

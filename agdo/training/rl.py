@@ -130,6 +130,7 @@ class RLConfig(TrainingArguments):
     stop_at_eos: bool = False
     # Block KV cache of the rollouts: none (exact) | prefix | dual (Fast-dLLM's approximations; agdo.sampling).
     cache: str = "none"
+    cache_lookahead: Optional[int] = None  # prefix cache: positions after the block recomputed (None: all)
     generation_batch_size: Optional[int] = None  # responses per generate call (None: all local ones)
     # Rewards and groups.
     reward_workers: int = 2
@@ -232,7 +233,7 @@ class RLConfig(TrainingArguments):
             gen_length=self.max_completion_length, steps=self.diffusion_steps or self.max_completion_length,
             block_length=self.block_length if block_length is None else block_length, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             alg=self.decoding_alg, candidate_threshold=self.candidate_threshold, stop_at_eos=self.stop_at_eos,
-            confidence_from=self.confidence_from, cache=self.cache,
+            confidence_from=self.confidence_from, cache=self.cache, cache_lookahead=self.cache_lookahead,
             return_predictions=self.method == "mdpo",
         )
 
