@@ -5,7 +5,7 @@ The judge of a cached forward is the uncached ``adapter.forward`` of the same se
 the SAME state as its block's first step must reproduce it to rounding (float64: 1e-10; LLaDA, float32:
 2e-5), for every family
 (test_models.py's tiny generic Qwen2 GQA 7:1 shifted and Llama MHA unshifted, the Dream fixture, and the
-LLaDA fixture given the published file's ``layer_past`` handling, which the fixture lacks), with and
+LLaDA fixture, whose blocks take ``layer_past`` as the published file's do), with and
 without left padding, for logits and S. In decoding the cache is an approximation after each block's
 first step, so there decoding must complete, fill every position and keep the uncached records' shapes;
 with one step per block (every step a block's first) it must decode exactly as uncached.
@@ -35,39 +35,17 @@ RECORDS = ("confidences", "predictions", "masked", "prediction_probs", "s", "tok
 RECORD_DTYPES = {"predictions": torch.int64, "masked": torch.bool}  # the others float32
 
 
-def llada_with_layer_past(root: Path):
-    """The LLaDA fixture if its blocks take ``layer_past``; else a copy whose ``attention()`` does what the
-    published file's does (and the fixture does not): concatenate the pre-RoPE ``layer_past``, rotate the
-    queries as the LAST positions of the keys, take the bias rows ``[key_len - query_len, key_len)``."""
-    adapter = load_adapter(remote_model_dir(root, "tiny_llada"))
-    try:
-        adapter.block_cache("prefix")
-        return adapter
-    except NotImplementedError:
-        pass
-    directory = root / "tiny_llada_layer_past"
+def llada_ignoring_layer_past(root: Path) -> Path:
+    """A copy of the LLaDA fixture whose blocks drop ``layer_past`` (as some modified files do)."""
+    directory = root / "tiny_llada_no_layer_past"
     shutil.copytree(FIXTURES / "tiny_llada", directory)
     modeling = directory / "modeling_llada.py"
     source = modeling.read_text()
-    replacements = {
-        "        present = (k, v) if use_cache else None\n": (
-            "        if layer_past is not None:\n"
-            "            k = torch.cat((layer_past[0], k), dim=-2)\n"
-            "            v = torch.cat((layer_past[1], v), dim=-2)\n"
-            "        present = (k, v) if use_cache else None\n"
-        ),
-        "attention_bias[:, :, :T, :T].to(q.dtype)": "attention_bias[:, :, -T:, : k.shape[-2]].to(q.dtype)",
-        "            return (x.float() * cos + rotated.float() * sin).to(x.dtype)\n": (
-            "            n = x.shape[-2]\n"
-            "            return (x.float() * cos[..., -n:, :] + rotated.float() * sin[..., -n:, :]).to(x.dtype)\n"
-        ),
-    }
-    for old, new in replacements.items():
-        assert source.count(old) == 1, "the LLaDA fixture's attention changed: update llada_with_layer_past"
-        source = source.replace(old, new)
-    modeling.write_text(source)
+    prepend = "        if layer_past is not None:"
+    assert source.count(prepend) == 1, "the LLaDA fixture's attention changed: update llada_ignoring_layer_past"
+    modeling.write_text(source.replace(prepend, "        if False:"))
     write_random_weights(directory, seed=0)
-    return load_adapter(directory)
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +55,7 @@ def adapters(tmp_path_factory):
         "qwen2_gqa_shifted": load_adapter(generic_model("qwen2_gqa_shifted")),
         "llama_mha": load_adapter(generic_model("llama_mha")),
         "dream": load_adapter(remote_model_dir(root, "tiny_dream")),
-        "llada": llada_with_layer_past(root),
+        "llada": load_adapter(remote_model_dir(root, "tiny_llada")),
     }
     for name, adapter in adapters.items():
         # float64 for the exactness checks; the LLaDA fixture builds its padding bias in float32, whose
@@ -369,13 +347,10 @@ def test_bad_lookahead_of_the_block_cache_names_the_argument(adapters):
 
 
 def test_a_llada_file_whose_blocks_ignore_layer_past_is_refused(tmp_path):
-    adapter = load_adapter(remote_model_dir(tmp_path, "tiny_llada"))
-    try:
+    adapter = load_adapter(llada_ignoring_layer_past(tmp_path))
+    with pytest.raises(NotImplementedError) as error:
         adapter.block_cache("prefix")
-    except NotImplementedError as error:
-        assert str(error) == LLADA_IGNORES_LAYER_PAST
-    else:
-        pytest.skip("the LLaDA fixture's blocks take layer_past: no file here ignores it")
+    assert str(error.value) == LLADA_IGNORES_LAYER_PAST
 
 
 def test_an_adapter_without_block_cache_is_refused():
