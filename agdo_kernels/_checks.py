@@ -153,6 +153,15 @@ def check_greedy(abar_rr, s0, valid):
     return B, R, valid
 
 
+def empty_valid_attention(q: torch.Tensor, dv: int, return_output: bool, return_lse: bool):
+    """``(s, out, lse)`` of a call with no query row (``B * H * Nq == 0``): zeros of the right shapes."""
+    B, H, Nq = q.shape[:3]
+    s = torch.zeros(B, Nq, dtype=torch.float32, device=q.device)
+    out = torch.zeros(B, H, Nq, dv, dtype=q.dtype, device=q.device) if return_output else None
+    lse = torch.zeros(B, H, Nq, dtype=torch.float32, device=q.device) if return_lse else None
+    return s, out, lse
+
+
 def nonfinite_rows(B: int, *tensors) -> torch.Tensor:
     """``(B,)`` bool: True for a batch row where any of ``tensors`` (leading dim ``B``; ``None`` skipped)
     holds a NaN or an infinity. Runs on the tensors' device, no host sync.

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from ._checks import empty_valid_attention
 from .reference.ordering import dense_steps, greedy_window
 
 try:
@@ -141,10 +142,7 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
     Hkv, N = k.shape[1], k.shape[2]
     device = q.device
     if B * H * Nq == 0:
-        s = torch.zeros(B, Nq, dtype=torch.float32, device=device)
-        out = torch.zeros(B, H, Nq, d, dtype=q.dtype, device=device) if return_output else None
-        lse = torch.zeros(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
-        return s, out, lse
+        return empty_valid_attention(q, d, return_output, return_lse)
     with torch.cuda.device(device):
         q_in, q_stride = _kernel_layout(q)
         k_in, k_stride = _kernel_layout(k)

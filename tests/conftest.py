@@ -59,6 +59,17 @@ def oracle_abar(q, k, attention_mask=None, scale=None):
     return probs.mean(1)
 
 
+def oracle_influence(q, k, attention_mask, query_mask, norm):
+    """Influence ``I (B, N)`` in float64 from :func:`oracle_abar`: the valid rows' column sums, normalised."""
+    rows = attention_mask & query_mask
+    total = (oracle_abar(q, k, attention_mask) * rows[:, :, None]).sum(1)
+    if norm == "mean":
+        return total / rows.sum(-1, keepdim=True).clamp_min(1)
+    if norm == "max":
+        return total / total.amax(-1, keepdim=True).clamp_min(1e-300)
+    return total
+
+
 def stat_tolerance(dtype):
     """Absolute tolerance for float32 statistics computed from inputs of ``dtype``.
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import agdo_kernels
 from agdo_kernels import _backends, _cuda
-from conftest import DEVICE, oracle_abar, padding_mask, stat_tolerance
+from conftest import oracle_abar, oracle_influence, padding_mask, stat_tolerance
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -235,16 +235,6 @@ def test_unsupported_inputs_point_to_triton(dtype, d, problem):
 # --- GPU: influence ------------------------------------------------------------------------------------
 
 
-def _influence_oracle(q, k, mask, query_mask, norm):
-    rows = mask & query_mask
-    total = (oracle_abar(q, k, mask) * rows[:, :, None]).sum(1)
-    if norm == "mean":
-        return total / rows.sum(-1, keepdim=True).clamp_min(1)
-    if norm == "max":
-        return total / total.amax(-1, keepdim=True).clamp_min(1e-300)
-    return total
-
-
 @needs_cuda_backend
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -263,7 +253,7 @@ def test_influence_matches_oracle(shape, dtype, norm, given_lse):
     got = agdo_kernels.influence(q, k, lse=lse, attention_mask=mask, query_mask=query_mask, norm=norm, backend="cuda")
     assert got.dtype == torch.float32 and got.shape == (B, N) and torch.isfinite(got).all()
     tol = stat_tolerance(dtype) * (N if norm == "sum" else 1)
-    torch.testing.assert_close(got.double(), _influence_oracle(q, k, mask, query_mask, norm), atol=tol, rtol=1e-4)
+    torch.testing.assert_close(got.double(), oracle_influence(q, k, mask, query_mask, norm), atol=tol, rtol=1e-4)
     assert (got[~mask] == 0).all()
 
 
@@ -294,7 +284,7 @@ def test_influence_empty_rows_and_no_valid_queries():
     mask = _mask(2, 29, "empty_row")
     got = agdo_kernels.influence(q, k, attention_mask=mask, backend="cuda")
     assert torch.isfinite(got).all() and (got[1] == 0).all()
-    torch.testing.assert_close(got.double(), _influence_oracle(q, k, mask, mask, "sum"), atol=29 * 1e-3, rtol=1e-4)
+    torch.testing.assert_close(got.double(), oracle_influence(q, k, mask, mask, "sum"), atol=29 * 1e-3, rtol=1e-4)
     none = torch.zeros(2, 29, dtype=torch.bool, device="cuda")
     for norm in ("sum", "mean", "max"):
         got = agdo_kernels.influence(q, k, query_mask=none, norm=norm, backend="cuda")

@@ -4,19 +4,9 @@ import pytest
 import torch
 
 import agdo_kernels
-from conftest import DEVICE, DTYPES, oracle_abar, padding_mask, random_qkv, stat_tolerance
+from conftest import DEVICE, DTYPES, oracle_influence, padding_mask, random_qkv, stat_tolerance
 
 SHAPES = [(1, 1, 1, 1, 16), (2, 4, 1, 17, 32), (2, 7, 1, 45, 64), (1, 8, 8, 130, 16), (1, 28, 4, 21, 128)]
-
-
-def _oracle(q, k, mask, query_mask, norm):
-    rows = mask & query_mask
-    total = (oracle_abar(q, k, mask) * rows[:, :, None]).sum(1)
-    if norm == "mean":
-        return total / rows.sum(-1, keepdim=True).clamp_min(1)
-    if norm == "max":
-        return total / total.amax(-1, keepdim=True).clamp_min(1e-300)
-    return total
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -31,7 +21,7 @@ def test_matches_oracle(backend, shape, dtype, norm):
     assert got.dtype == torch.float32 and got.shape == (B, N) and torch.isfinite(got).all()
     # I sums up to N rows' mass (norm="sum"): scale the tolerance with the number of rows.
     tol = stat_tolerance(dtype) * (N if norm == "sum" else 1)
-    torch.testing.assert_close(got.double(), _oracle(q, k, mask, query_mask, norm), atol=tol, rtol=1e-4)
+    torch.testing.assert_close(got.double(), oracle_influence(q, k, mask, query_mask, norm), atol=tol, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -67,7 +57,7 @@ def test_large_logits_and_empty_rows(backend):
     mask = padding_mask(2, 29, "empty_row")
     got = agdo_kernels.influence(q, k, attention_mask=mask, norm="sum", backend=backend)
     assert torch.isfinite(got).all() and (got[1] == 0).all()
-    torch.testing.assert_close(got.double(), _oracle(q, k, mask, mask, "sum"), atol=29 * 2e-5, rtol=1e-4)
+    torch.testing.assert_close(got.double(), oracle_influence(q, k, mask, mask, "sum"), atol=29 * 2e-5, rtol=1e-4)
     empty = agdo_kernels.influence(q[:, :, :0], k[:, :, :0], backend=backend)
     assert empty.shape == (2, 0)
 

@@ -27,6 +27,7 @@ from ._common import (
     tuning_bucket,
     tuning_configs,
 )
+from .._checks import empty_valid_attention
 from .nonfinite import finish_rows, flag_if_nonfinite, flag_nonfinite_rows
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for H100, head dims 64/128, the first one pinned. Only configs
@@ -210,10 +211,7 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
     dv = v.shape[-1] if return_output else d
     device = q.device
     if B * H * Nq == 0:
-        s = torch.zeros(B, Nq, dtype=torch.float32, device=device)
-        out = torch.zeros(B, H, Nq, dv, dtype=q.dtype, device=device) if return_output else None
-        lse = torch.zeros(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
-        return s, out, lse
+        return empty_valid_attention(q, dv, return_output, return_lse)
 
     # The non-finite row rule (agdo_kernels docstring) is applied here: inputs scanned first, the kernel
     # flags overflowing statistics, finish_rows poisons flagged rows while it averages S over heads.
