@@ -37,6 +37,7 @@ from .analysis import analyze_decoding, plot_s_distribution
 from .eval import encode_prompts, evaluate, summarize
 from .models import load_adapter
 from .sampling import SamplerConfig
+from .sampling.sampler import CACHE_MODES
 from .training.metrics import read_metrics
 from .training.rl import RLConfig, train_rl
 from .training.sft import SFTConfig, train_sft
@@ -77,6 +78,9 @@ class QuickstartConfig:
     rl_num_generations: int = 8
     rl_learning_rate: float = 1e-4
     rl_decoding_alg: str = "max_prob"
+    # Every model is evaluated with each of these block KV caches (SamplerConfig.cache; one block here, so a
+    # cache keeps the prompt's K/V from the first step): "none" is exact, the others add table columns.
+    eval_caches: list = dataclasses.field(default_factory=lambda: ["none"])
 
     def __post_init__(self):
         from .training.rl import RL_METHODS
@@ -87,6 +91,10 @@ class QuickstartConfig:
                              f"{self.rl_methods}")
         if self.task not in ("sudoku", "addition"):
             raise ValueError(f"QuickstartConfig: `task` must be 'sudoku' or 'addition', got {self.task!r}")
+        if (not self.eval_caches or len(set(self.eval_caches)) != len(self.eval_caches)
+                or not set(self.eval_caches) <= set(CACHE_MODES)):
+            raise ValueError(f"QuickstartConfig: `eval_caches` must be distinct names of {list(CACHE_MODES)}, got "
+                             f"{self.eval_caches!r}")
         for name in ("seeds", "train_seeds"):
             if not getattr(self, name) or len(set(getattr(self, name))) != len(getattr(self, name)):
                 raise ValueError(f"QuickstartConfig: `{name}` must be a non-empty list of distinct seeds")
@@ -171,7 +179,7 @@ def _format_table(rows: list, rows_text: dict, columns=("max_prob", "max_s")) ->
     for r in rows:
         means.setdefault(r["row"], {})[r["column"]] = r["mean"]
     cell = {(r["row"], r["column"]): f"{r['mean']:.1f} ± {r['std']:.1f} (n={r['seeds']})" for r in rows}
-    lines = ["| | " + " | ".join(columns) + " | training rows | paper's direction | agrees? (max_prob / max_s) |",
+    lines = ["| | " + " | ".join(columns) + f" | training rows | paper's direction | agrees? ({' / '.join(columns)}) |",
              "|---" * (len(columns) + 4) + "|"]
     for label in dict.fromkeys(r["row"] for r in rows):
         claim = PAPER_CLAIMS[label][0] if label in PAPER_CLAIMS else "-"
@@ -251,17 +259,19 @@ def run_quickstart(config: QuickstartConfig) -> str:
             f"{sum(m['rollout_forward_passes'] for m in logged)} rollout forward passes, over "
             f"{len(config.train_seeds)} training seeds")
 
-    stage(f"[4/5] evaluating {sum(map(len, models.values()))} models x (max_prob, max_s) x {len(config.seeds)} "
-          f"test sets")
+    columns = {(cache, alg): alg if cache == "none" else f"{alg}, {cache} cache"
+               for cache in config.eval_caches for alg in ("max_prob", "max_s")}
+    stage(f"[4/5] evaluating {sum(map(len, models.values()))} models x ({', '.join(columns.values())}) x "
+          f"{len(config.seeds)} test sets")
     rows = []
     for label, adapters in models.items():
-        for alg in ("max_prob", "max_s"):
-            sampler = SamplerConfig(gen_length=gen_length, steps=gen_length, alg=alg)
+        for (cache, alg), column in columns.items():
+            sampler = SamplerConfig(gen_length=gen_length, steps=gen_length, alg=alg, cache=cache)
             accuracies = [evaluate(adapter, test_sets[seed], sampler, seed=seed, batch_size=256,
-                                   desc=f"{label}/{alg}")["accuracy"]
+                                   desc=f"{label}/{column}")["accuracy"]
                           for adapter in adapters for seed in config.seeds]
-            rows.append({"row": label, "column": alg, "training_seeds": len(adapters), **summarize(accuracies)})
-    table = _format_table(rows, measured)
+            rows.append({"row": label, "column": column, "training_seeds": len(adapters), **summarize(accuracies)})
+    table = _format_table(rows, measured, columns=tuple(columns.values()))
     passes = "\n".join(f"- {label}: {text}" for label, text in forward_passes.items())
 
     stage("[5/5] attention analysis plots (base and the first seed's AGDO-SFT)")

@@ -17,7 +17,7 @@ TINY_QUICKSTART = ["task=addition", "digits=1", "train_problems=64", "test_probl
                    "train_seeds=[0, 1]", "pretrain_steps=150", "posttrain_learning_rate=1e-3",
                    "posttrain_steps=3", "batch_size=8", "hidden_size=32", "num_layers=2", "rl_steps=3",
                    "rl_prompts_per_step=4", "rl_num_generations=4",
-                   "rl_methods=[agdo, tracerl, diffu_grpo, coupled, wd1, mdpo]"]
+                   "rl_methods=[agdo, tracerl, diffu_grpo, coupled, wd1, mdpo]", "eval_caches=[none, prefix]"]
 RL_LABELS = ["AGDO-RL", "TraceRL", "diffu-GRPO", "coupled GRPO", "wd1", "MDPO"]
 
 
@@ -35,7 +35,10 @@ def test_quickstart_writes_table_models_and_plots(quickstart_run):
                   *(f"AGDO-SFT + {rl}" for rl in RL_LABELS)):
         assert f"| {label} |" in report
     rows = json.loads((quickstart_run / "results.json").read_text())
-    assert len(rows) == 2 * 10 and all(0 <= r["mean"] <= 100 for r in rows)
+    # 10 rows x (max_prob, max_s) x (no cache, prefix cache)
+    assert len(rows) == 4 * 10 and all(0 <= r["mean"] <= 100 for r in rows)
+    assert {r["column"] for r in rows} == {"max_prob", "max_s", "max_prob, prefix cache", "max_s, prefix cache"}
+    assert "| | max_prob | max_s | max_prob, prefix cache | max_s, prefix cache |" in report
     # Post-trained rows: 2 training seeds x 2 test sets; the base: its one pre-training x 2 test sets.
     assert all(r["seeds"] == (2 if r["row"] == "base (pre-trained)" else 4) for r in rows)
     assert "| paper's direction | agrees?" in report and "| AGDO-SFT > SFT |" in report
@@ -239,3 +242,13 @@ def test_sudoku_problems_are_digit_only_distinct_and_held_out():
         assert len(p["prompt"]) == 17 and p["prompt"].endswith("=") and p["response"] == p["answer"]
         assert check_sudoku(f"<answer>{p['answer']}</answer>", p["prompt"][:16], 4)
         tokenizer(p["prompt"] + p["answer"])  # every character is in the vocabulary
+
+
+@pytest.mark.parametrize("field,value", [("eval_caches", ["none", "full"]), ("eval_caches", []),
+                                         ("eval_caches", ["none", "none"]), ("rl_methods", ["agdo", "ppo"]),
+                                         ("task", "chess"), ("seeds", [])])
+def test_bad_quickstart_settings_name_the_field(field, value):
+    from agdo.quickstart import QuickstartConfig
+
+    with pytest.raises(ValueError, match=f"QuickstartConfig: `{field}`"):
+        QuickstartConfig(**{field: value})
