@@ -102,6 +102,11 @@ def _clean_flags(B, *tensors, device):
     return torch.zeros(B, dtype=torch.int32, device=device)
 
 
+def _key_padding(attention_mask):
+    bias = torch.zeros(attention_mask.shape).masked_fill(~attention_mask, float("-inf"))
+    return bias, torch.tensor([[0, attention_mask.shape[1]]] * attention_mask.shape[0], dtype=torch.int32)
+
+
 def _capture_launch(kernel, grid, *args, gpu_configs, dtype, head_dim, device, **constexprs):
     raise LaunchCaptured(kernel.fn, args, constexprs)  # the autotuner's JITFunction
 
@@ -205,11 +210,13 @@ def _launch_arguments(case: Case):
         stand_in = mock.patch.object(module, "launch", _capture_launch)
     else:
         stand_in = mock.patch.object(module, "_greedy_rank_kernel", _CaptureGridLaunch(module._greedy_rank_kernel))
-    # The non-finite input scan runs before the kernel: on these CPU stand-ins it only returns clean flags.
-    clean_flags = (mock.patch.object(module, "flag_nonfinite_rows", _clean_flags)
-                   if hasattr(module, "flag_nonfinite_rows") else contextlib.nullcontext())
+    # The launches before the kernel (non-finite scan, key padding) get torch stand-ins on these CPU tensors.
+    before = contextlib.ExitStack()
+    for name, stand_in_for in (("flag_nonfinite_rows", _clean_flags), ("key_padding", _key_padding)):
+        if hasattr(module, name):
+            before.enter_context(mock.patch.object(module, name, stand_in_for))
     try:
-        with stand_in, clean_flags:
+        with stand_in, before:
             spec.call(module, DTYPES[case.dtype], case.head_dim, case.key_mask)
     except LaunchCaptured as launched:
         kernel, args, kwargs = launched.kernel, launched.args, dict(launched.kwargs)

@@ -295,3 +295,23 @@ def test_strided_inputs_match_contiguous():
         response_block(q, k, lse, 7, mask, True, 0.2),
         response_block(q.contiguous(), k.contiguous(), lse, 7, mask, True, 0.2),
     )
+
+
+def test_key_padding_bias_and_real_key_extents():
+    """The launcher's one-launch key padding: the additive bias and [first real key, last real key + 1) per
+    row (holes inside the extent stay in the bias; a row without real keys gets an empty extent)."""
+    from agdo_kernels.triton.valid_attention import key_padding
+
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.rand(5, 1500, generator=gen) < 0.7  # longer than one 1024-key chunk of the kernel
+    mask[1, :700] = False
+    mask[2, 1100:] = False
+    mask[3] = False
+    mask[4] = True
+    bias, extent = key_padding(mask.to(DEVICE))
+    expected_bias = torch.zeros(5, 1500).masked_fill(~mask, float("-inf"))
+    assert torch.equal(bias.cpu(), expected_bias)
+    for b in range(5):
+        real = mask[b].nonzero().flatten().tolist()
+        expected = (real[0], real[-1] + 1) if real else (1500, 0)
+        assert tuple(extent[b].tolist()) == expected, b

@@ -14,6 +14,8 @@ side by side on axis 0 of the grid, so a head's K/V blocks are served from L2.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import triton
 import triton.language as tl
@@ -109,6 +111,7 @@ def _valid_attention_kernel(
     k_ptr,
     v_ptr,
     key_bias_ptr,
+    key_extent_ptr,
     unmasked_ptr,
     s_part_ptr,
     out_ptr,
@@ -165,15 +168,22 @@ def _valid_attention_kernel(
     unmasked_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    # Whole key blocks skip bounds checks; the ragged tail (if any) comes last, with them.
-    n_full = (N // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
+    # Only the key blocks from the one holding the row's first real key to its last real key: the others are
+    # all padding (p = 0). Whole blocks skip bounds checks; the ragged tail (if any) comes last, with them.
+    if HAS_KEY_MASK:
+        lo = (tl.load(key_extent_ptr + 2 * b) // BLOCK_N) * BLOCK_N
+        hi = tl.load(key_extent_ptr + 2 * b + 1)
+    else:
+        lo = 0
+        hi = N
+    n_full = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
+    for start_n in range(lo, n_full, BLOCK_N):
         acc, row_sum, row_max, unmasked_sum = _attend_key_block(
             acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_bias_row, unmasked_row, start_n, N,
             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
             HEAD_DIM, DV, BLOCK_N, HAS_KEY_MASK, False, RETURN_OUTPUT, COMPUTE_S, DOT_PRECISION,
         )  # fmt: skip
-    if n_full < N:
+    if n_full < hi:
         acc, row_sum, row_max, unmasked_sum = _attend_key_block(
             acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_bias_row, unmasked_row, n_full, N,
             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
@@ -203,6 +213,33 @@ def _valid_attention_kernel(
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=rows_inside[:, None])
 
 
+@triton.jit
+def _key_padding_kernel(mask_ptr, bias_ptr, extent_ptr, N, BLOCK: tl.constexpr):
+    """Row ``b``: the additive bias (0 real, -inf padding) and ``[first real key, last real key + 1)``."""
+    b = tl.program_id(0).to(tl.int64)
+    first = tl.full([BLOCK], N, tl.int32)
+    last = tl.full([BLOCK], -1, tl.int32)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        real = tl.load(mask_ptr + b * N + offs, mask=offs < N, other=0) != 0
+        tl.store(bias_ptr + b * N + offs, tl.where(real, 0.0, float("-inf")), mask=offs < N)
+        first = tl.minimum(first, tl.where(real, offs, N))
+        last = tl.maximum(last, tl.where(real, offs, -1))
+    tl.store(extent_ptr + 2 * b, tl.min(first))
+    tl.store(extent_ptr + 2 * b + 1, tl.max(last) + 1)  # 0 for a row without real keys: no block visited
+
+
+def key_padding(attention_mask: torch.Tensor):
+    """``(key_bias (B, N) float32, key_extent (B, 2) int32)`` of a bool ``attention_mask``, one launch."""
+    B, N = attention_mask.shape
+    bias = torch.empty(B, N, dtype=torch.float32, device=attention_mask.device)
+    extent = torch.empty(B, 2, dtype=torch.int32, device=attention_mask.device)
+    with torch.cuda.device(attention_mask.device) if attention_mask.is_cuda else nullcontext():
+        _key_padding_kernel[(B,)](attention_mask.contiguous().view(torch.uint8), bias, extent, N,
+                                  BLOCK=min(1024, triton.next_power_of_2(max(N, 1))))
+    return bias, extent
+
+
 def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, return_lse):
     """Triton twin of ``reference.attention.valid_attention``: ``(s, out, lse)`` from one pass."""
     check_supported(q, v if return_output else None)
@@ -220,8 +257,7 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
     s_part = torch.empty(B, H, Nq, dtype=torch.float32, device=device)
     out = torch.empty(B, H, Nq, dv, dtype=q.dtype, device=device) if return_output else None
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
-    # The padding as an additive float32 bias: log(1) = 0 for a real key, log(0) = -inf for padding.
-    key_bias = None if attention_mask is None else attention_mask.contiguous().to(torch.float32).log_()
+    key_bias, key_extent = (None, None) if attention_mask is None else key_padding(attention_mask)
     v_arg = v if return_output else k  # unused stand-ins keep the signature fixed
     out_arg = out if return_output else s_part
 
@@ -231,7 +267,7 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
     launch(
         _valid_attention_kernel, grid,
         q, k, v_arg,
-        key_bias if key_bias is not None else s_part,
+        key_bias if key_bias is not None else s_part, key_extent if key_extent is not None else s_part,
         unmasked.contiguous().to(torch.float32), s_part, out_arg,
         lse if return_lse else s_part, flags,
         *q.stride(), *k.stride(), *v_arg.stride(),
