@@ -107,6 +107,11 @@ def _key_padding(attention_mask):
     return bias, torch.tensor([[0, attention_mask.shape[1]]] * attention_mask.shape[0], dtype=torch.int32)
 
 
+def _counted_rows(lse, attention_mask, query_mask):
+    B, H, N = lse.shape
+    return lse.float().contiguous(), torch.tensor([[0, N, 0, N]] * B, dtype=torch.int32)
+
+
 def _capture_launch(kernel, grid, *args, gpu_configs, dtype, head_dim, device, **constexprs):
     raise LaunchCaptured(kernel.fn, args, constexprs)  # the autotuner's JITFunction
 
@@ -212,7 +217,8 @@ def _launch_arguments(case: Case):
         stand_in = mock.patch.object(module, "_greedy_rank_kernel", _CaptureGridLaunch(module._greedy_rank_kernel))
     # The launches before the kernel (non-finite scan, key padding) get torch stand-ins on these CPU tensors.
     before = contextlib.ExitStack()
-    for name, stand_in_for in (("flag_nonfinite_rows", _clean_flags), ("key_padding", _key_padding)):
+    for name, stand_in_for in (("flag_nonfinite_rows", _clean_flags), ("key_padding", _key_padding),
+                               ("counted_rows", _counted_rows)):
         if hasattr(module, name):
             before.enter_context(mock.patch.object(module, name, stand_in_for))
     try:

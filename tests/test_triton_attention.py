@@ -315,3 +315,27 @@ def test_key_padding_bias_and_real_key_extents():
         real = mask[b].nonzero().flatten().tolist()
         expected = (real[0], real[-1] + 1) if real else (1500, 0)
         assert tuple(extent[b].tolist()) == expected, b
+
+
+def test_counted_rows_lse_and_extents():
+    """influence's one-launch preparation: base-2 lse of counted rows (+inf elsewhere) from a strided lse,
+    and per row [first counted row, last + 1, first real key, last + 1)."""
+    from agdo_kernels.triton.influence import counted_rows
+
+    gen = torch.Generator().manual_seed(6)
+    B, H, N = 4, 3, 1100
+    lse = torch.randn(B, N, H, generator=gen).to(DEVICE).transpose(1, 2)  # strided (B, H, N)
+    attention_mask = torch.rand(B, N, generator=gen) < 0.8
+    attention_mask[1, :500] = False
+    attention_mask[3] = False
+    query_mask = torch.rand(B, N, generator=gen) < 0.5
+    query_mask[2, 900:] = False
+    lse2, extent = counted_rows(lse, attention_mask.to(DEVICE), query_mask.to(DEVICE))
+    counted = attention_mask & query_mask
+    expected = torch.where(counted[:, None, :], lse.cpu().float() * math.log2(math.e), float("inf"))
+    torch.testing.assert_close(lse2.cpu(), expected, rtol=1e-6, atol=0)
+    for b in range(B):
+        rows, keys = counted[b].nonzero().flatten().tolist(), attention_mask[b].nonzero().flatten().tolist()
+        want = (rows[0], rows[-1] + 1) if rows else (N, 0)
+        want += (keys[0], keys[-1] + 1) if keys else (N, 0)
+        assert tuple(extent[b].tolist()) == want, b

@@ -17,6 +17,8 @@ exactly 0; padded keys are zeroed once at the end (with a given ``lse`` they do 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import triton
 import triton.language as tl
@@ -83,6 +85,7 @@ def _influence_kernel(
     key_mask_ptr,
     part_ptr,
     flags_ptr,
+    extent_ptr,
     stride_qb,
     stride_qh,
     stride_qn,
@@ -98,6 +101,7 @@ def _influence_kernel(
     qk_scale,
     HEAD_DIM: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
+    HAS_EXTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -112,13 +116,24 @@ def _influence_kernel(
     q_base = q_ptr + b * stride_qb + h * stride_qh
     lse2_row = lse2_ptr + bh * N
 
+    # Only the query blocks from the one holding the first counted row to the last counted row (the others
+    # have p = 0), and none for a key tile that is all padding (its keys are zeroed below).
+    if HAS_EXTENT:
+        lo = (tl.load(extent_ptr + 4 * b) // BLOCK_M) * BLOCK_M
+        hi = tl.load(extent_ptr + 4 * b + 1)
+        tile_start = (tl.program_id(0) % tiles) * BLOCK_N
+        outside = (tile_start + BLOCK_N <= tl.load(extent_ptr + 4 * b + 2)) | (tile_start >= tl.load(extent_ptr + 4 * b + 3))
+        hi = tl.where(outside, lo, hi)
+    else:
+        lo = 0
+        hi = N
     col_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    m_full = (N // BLOCK_M) * BLOCK_M
-    for start_m in range(0, m_full, BLOCK_M):
+    m_full = lo + (tl.maximum(hi - lo, 0) // BLOCK_M) * BLOCK_M
+    for start_m in range(lo, m_full, BLOCK_M):
         col_sum += _query_block_mass(
             k, q_base, lse2_row, start_m, N, stride_qn, stride_qd, qk_scale, HEAD_DIM, BLOCK_M, False, DOT_PRECISION
         )
-    if m_full < N:
+    if m_full < hi:
         col_sum += _query_block_mass(
             k, q_base, lse2_row, m_full, N, stride_qn, stride_qd, qk_scale, HEAD_DIM, BLOCK_M, True, DOT_PRECISION
         )
@@ -126,6 +141,55 @@ def _influence_kernel(
     col_sum = tl.where(keys, col_sum, 0.0)
     tl.store(part_ptr + bh * N + offs_n, col_sum, mask=offs_n < N)
     flag_if_nonfinite(flags_ptr, b, col_sum)  # an overflow poisons the row
+
+
+@triton.jit
+def _counted_rows_kernel(lse_ptr, stride_lb, stride_lh, stride_ln, key_mask_ptr, query_mask_ptr, lse2_ptr,
+                         extent_ptr, H, N, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """Head ``h`` of row ``b``: ``lse2`` = the base-2 lse of counted rows (``+inf`` elsewhere, so their p is
+    0); head 0 also writes ``[first counted row, last + 1, first real key, last + 1)``."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    first_row = tl.full([BLOCK], N, tl.int32)
+    last_row = tl.full([BLOCK], -1, tl.int32)
+    first_key = tl.full([BLOCK], N, tl.int32)
+    last_key = tl.full([BLOCK], -1, tl.int32)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < N
+        real = inside
+        if HAS_KEY_MASK:
+            real = real & (tl.load(key_mask_ptr + b * N + offs, mask=inside, other=0) != 0)
+        counted = real
+        if HAS_QUERY_MASK:
+            counted = counted & (tl.load(query_mask_ptr + b * N + offs, mask=inside, other=0) != 0)
+        lse = tl.load(lse_ptr + b * stride_lb + (bh % H) * stride_lh + offs * stride_ln, mask=inside, other=0.0)
+        lse2 = tl.where(counted, lse.to(tl.float32) * 1.4426950408889634, float("inf"))  # x log2(e)
+        tl.store(lse2_ptr + bh * N + offs, lse2, mask=inside)
+        first_row = tl.minimum(first_row, tl.where(counted, offs, N))
+        last_row = tl.maximum(last_row, tl.where(counted, offs, -1))
+        first_key = tl.minimum(first_key, tl.where(real, offs, N))
+        last_key = tl.maximum(last_key, tl.where(real, offs, -1))
+    if bh % H == 0:
+        tl.store(extent_ptr + 4 * b, tl.min(first_row))
+        tl.store(extent_ptr + 4 * b + 1, tl.max(last_row) + 1)
+        tl.store(extent_ptr + 4 * b + 2, tl.min(first_key))
+        tl.store(extent_ptr + 4 * b + 3, tl.max(last_key) + 1)
+
+
+def counted_rows(lse, attention_mask, query_mask):
+    """``(lse2 (B, H, N), extent (B, 4) int32)`` for :func:`_counted_rows_kernel`: one launch."""
+    B, H, N = lse.shape
+    lse2 = torch.empty(B, H, N, dtype=torch.float32, device=lse.device)
+    extent = torch.empty(B, 4, dtype=torch.int32, device=lse.device)
+    masks = [m.contiguous().view(torch.uint8) if m is not None else lse2 for m in (attention_mask, query_mask)]
+    with torch.cuda.device(lse.device) if lse.is_cuda else nullcontext():
+        _counted_rows_kernel[(B * H,)](lse, *lse.stride(), *masks, lse2, extent, H, N,
+                                       HAS_KEY_MASK=attention_mask is not None,
+                                       HAS_QUERY_MASK=query_mask is not None,
+                                       BLOCK=min(1024, triton.next_power_of_2(max(N, 1))))
+    return lse2, extent
 
 
 def influence_sum(q, k, lse, attention_mask, query_mask, scale):
@@ -137,13 +201,10 @@ def influence_sum(q, k, lse, attention_mask, query_mask, scale):
         return torch.zeros(B, N, dtype=torch.float32, device=q.device)
 
     flags = flag_nonfinite_rows(B, q, k, lse, device=q.device)  # the non-finite row rule, on the inputs
-    lse2 = lse_log2(lse)
-    rows = None
-    for mask in (attention_mask, query_mask):
-        if mask is not None:
-            rows = mask if rows is None else rows & mask
-    if rows is not None:
-        lse2.masked_fill_(~rows[:, None, :], float("inf"))
+    if attention_mask is None and query_mask is None:
+        lse2, extent = lse_log2(lse), None
+    else:
+        lse2, extent = counted_rows(lse, attention_mask, query_mask)
     key_mask = as_bytes(attention_mask)
     part = torch.empty(B, H, N, dtype=torch.float32, device=q.device)  # every element written
 
@@ -152,10 +213,11 @@ def influence_sum(q, k, lse, attention_mask, query_mask, scale):
 
     launch(
         _influence_kernel, grid,
-        q, k, lse2, key_mask if key_mask is not None else part, part, flags,
+        q, k, lse2, key_mask if key_mask is not None else part, part, flags, extent if extent is not None else part,
         *q.stride(), *k.stride(),
         H, H // Hkv, N, tuning_bucket(N), scale * LOG2E,
-        HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
+        HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None, HAS_EXTENT=extent is not None,
+        DOT_PRECISION=dot_precision(q.dtype),
         gpu_configs=_GPU_CONFIGS, dtype=q.dtype, head_dim=d, device=q.device,
     )  # fmt: skip
     return finish_rows(part, flags)
