@@ -5,7 +5,8 @@ Groups (one per op and shape), each with its baseline:
   (a) eager attention that materialises P and reduces it (what ``output_attentions=True`` costs),
   (b) stock SDPA with the mask appended to V as an extra column (S per head from any fused kernel),
   (c) the chunked torch reference, (d) the Triton kernel and (e) the CUDA kernel of csrc/ (GPU only; the
-  CUDA one where the extension is built).
+  CUDA one where the extension is built), (f) flash-attn's ``flash_attn_func`` forward (flash-attn-4, else
+  flash-attn 2; where installed) as a second attention-only baseline.
 - ``influence``: the same SDPA forward as time baseline; eager column sums, the torch reference, Triton,
   CUDA.
 Shapes: the last layer of Dream (H=28, Hkv=4, d=128) and LLaDA (H=Hkv=32, d=128). GPU: bf16, N up to
@@ -48,6 +49,22 @@ def _sdpa(q, k, v):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def _flash_attn_func():
+    """flash-attn's dense forward ``f(q, k, v) -> O`` on ``(B, N, H, d)`` views (GQA native), or None."""
+    try:
+        from flash_attn.cute import flash_attn_func as fa4
+
+        return lambda q, k, v: fa4(q, k, v, causal=False)[0]
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_func as fa2
+
+        return lambda q, k, v: fa2(q, k, v, causal=False)
+    except ImportError:
+        return None
 
 
 def _eager_probs(q, k):
@@ -93,10 +110,15 @@ def _eager_fits(model, B, N):
 
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("B,N", SIZES)
-@pytest.mark.parametrize("impl", ["sdpa_forward", "eager", "sdpa_mask_column", "torch_reference", "triton", "cuda"])
+@pytest.mark.parametrize("impl", ["sdpa_forward", "flash_attn", "eager", "sdpa_mask_column", "torch_reference", "triton",
+                                  "cuda"])
 def test_valid_attention(measure, model, B, N, impl):
     q, k, v, unmasked = _inputs(model, B, N)
+    flash = _flash_attn_func() if impl == "flash_attn" and ON_GPU else None
+    if impl == "flash_attn" and flash is None:
+        pytest.skip("flash-attn is not installed (pip install agdo[flash]) or there is no GPU")
     fns = {
+        "flash_attn": lambda: flash(*(t.transpose(1, 2) for t in (q, k, v))),
         "sdpa_forward": lambda: _sdpa(q, k, v),
         "eager": lambda: eager_s_and_o(q, k, v, unmasked),
         "sdpa_mask_column": lambda: sdpa_with_mask_column(q, k, v, unmasked),
