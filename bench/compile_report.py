@@ -103,7 +103,8 @@ def _clean_flags(B, *tensors, device):
 
 
 def _key_padding(attention_mask):
-    bias = torch.zeros(attention_mask.shape).masked_fill(~attention_mask, float("-inf"))
+    B, N = attention_mask.shape
+    bias = torch.zeros(B, (N + 15) // 16 * 16)[:, :N].masked_fill(~attention_mask, float("-inf"))
     return bias, torch.tensor([[0, attention_mask.shape[1]]] * attention_mask.shape[0], dtype=torch.int32)
 
 

@@ -138,6 +138,7 @@ def _valid_attention_kernel(
     N_Q,
     N,
     N_BUCKET,  # autotuning key only
+    KEY_ROW_STRIDE,  # row stride of the per-key rows (bias, U): N rounded up to 16, so pairs load as one
     qk_scale,
     HEAD_DIM: tl.constexpr,
     DV: tl.constexpr,
@@ -160,8 +161,8 @@ def _valid_attention_kernel(
     q = load_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, N_Q, stride_qn, tl.arange(0, HEAD_DIM), stride_qd, True)
     k_base = k_ptr + b * stride_kb + kv * stride_kh
     v_base = v_ptr + b * stride_vb + kv * stride_vh
-    key_bias_row = key_bias_ptr + b * N
-    unmasked_row = unmasked_ptr + b * N
+    key_bias_row = key_bias_ptr + b * KEY_ROW_STRIDE
+    unmasked_row = unmasked_ptr + b * KEY_ROW_STRIDE
 
     acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -214,7 +215,7 @@ def _valid_attention_kernel(
 
 
 @triton.jit
-def _key_padding_kernel(mask_ptr, bias_ptr, extent_ptr, N, BLOCK: tl.constexpr):
+def _key_padding_kernel(mask_ptr, bias_ptr, extent_ptr, N, BIAS_STRIDE, BLOCK: tl.constexpr):
     """Row ``b``: the additive bias (0 real, -inf padding) and ``[first real key, last real key + 1)``."""
     b = tl.program_id(0).to(tl.int64)
     first = tl.full([BLOCK], N, tl.int32)
@@ -222,20 +223,25 @@ def _key_padding_kernel(mask_ptr, bias_ptr, extent_ptr, N, BLOCK: tl.constexpr):
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         real = tl.load(mask_ptr + b * N + offs, mask=offs < N, other=0) != 0
-        tl.store(bias_ptr + b * N + offs, tl.where(real, 0.0, float("-inf")), mask=offs < N)
+        tl.store(bias_ptr + b * BIAS_STRIDE + offs, tl.where(real, 0.0, float("-inf")), mask=offs < N)
         first = tl.minimum(first, tl.where(real, offs, N))
         last = tl.maximum(last, tl.where(real, offs, -1))
     tl.store(extent_ptr + 2 * b, tl.min(first))
     tl.store(extent_ptr + 2 * b + 1, tl.max(last) + 1)  # 0 for a row without real keys: no block visited
 
 
+def _key_rows(B: int, N: int, device) -> torch.Tensor:
+    """An uninitialised float32 ``(B, N)`` view with rows 16 elements apart (what the kernel reads)."""
+    return torch.empty(B, triton.cdiv(N, 16) * 16, dtype=torch.float32, device=device)[:, :N]
+
+
 def key_padding(attention_mask: torch.Tensor):
     """``(key_bias (B, N) float32, key_extent (B, 2) int32)`` of a bool ``attention_mask``, one launch."""
     B, N = attention_mask.shape
-    bias = torch.empty(B, N, dtype=torch.float32, device=attention_mask.device)
+    bias = _key_rows(B, N, attention_mask.device)
     extent = torch.empty(B, 2, dtype=torch.int32, device=attention_mask.device)
     with torch.cuda.device(attention_mask.device) if attention_mask.is_cuda else nullcontext():
-        _key_padding_kernel[(B,)](attention_mask.contiguous().view(torch.uint8), bias, extent, N,
+        _key_padding_kernel[(B,)](attention_mask.contiguous().view(torch.uint8), bias, extent, N, bias.stride(0),
                                   BLOCK=min(1024, triton.next_power_of_2(max(N, 1))))
     return bias, extent
 
@@ -268,11 +274,11 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
         _valid_attention_kernel, grid,
         q, k, v_arg,
         key_bias if key_bias is not None else s_part, key_extent if key_extent is not None else s_part,
-        unmasked.contiguous().to(torch.float32), s_part, out_arg,
+        _key_rows(B, N, device).copy_(unmasked), s_part, out_arg,
         lse if return_lse else s_part, flags,
         *q.stride(), *k.stride(), *v_arg.stride(),
         *(out.stride() if return_output else (0, 0, 0, 0)),
-        H, H // Hkv, Nq, N, tuning_bucket(N), scale * LOG2E,
+        H, H // Hkv, Nq, N, tuning_bucket(N), triton.cdiv(N, 16) * 16, scale * LOG2E,
         HEAD_DIM=d, DV=dv, HAS_KEY_MASK=key_bias is not None,
         RETURN_OUTPUT=bool(return_output), RETURN_LSE=bool(return_lse), COMPUTE_S=True,
         DOT_PRECISION=dot_precision(q.dtype),
