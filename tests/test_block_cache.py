@@ -11,7 +11,6 @@ first step, so there decoding must complete, fill every position and keep the un
 with one step per block (every step a block's first) it must decode exactly as uncached.
 """
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from agdo.models._capture import LayerCapture, StatisticsRequest
 from agdo.sampling import SamplerConfig, generate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_models import FIXTURES, generic_model, remote_model_dir, write_random_weights  # noqa: E402
+from test_models import edited_llada_dir, generic_model, remote_model_dir  # noqa: E402
 
 CASES = ["qwen2_gqa_shifted", "llama_mha", "dream", "llada"]
 # A mode is a cache setting: "prefix+3" = cache="prefix" with cache_lookahead=3 (not LLaDA, like "dual").
@@ -37,15 +36,7 @@ RECORD_DTYPES = {"predictions": torch.int64, "masked": torch.bool}  # the others
 
 def llada_ignoring_layer_past(root: Path) -> Path:
     """A copy of the LLaDA fixture whose blocks drop ``layer_past`` (as some modified files do)."""
-    directory = root / "tiny_llada_no_layer_past"
-    shutil.copytree(FIXTURES / "tiny_llada", directory)
-    modeling = directory / "modeling_llada.py"
-    source = modeling.read_text()
-    prepend = "        if layer_past is not None:"
-    assert source.count(prepend) == 1, "the LLaDA fixture's attention changed: update llada_ignoring_layer_past"
-    modeling.write_text(source.replace(prepend, "        if False:"))
-    write_random_weights(directory, seed=0)
-    return directory
+    return edited_llada_dir(root, "tiny_llada_no_layer_past", "        if layer_past is not None:", "        if False:")
 
 
 @pytest.fixture(scope="module")

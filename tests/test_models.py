@@ -57,18 +57,24 @@ def remote_model_dir(root: Path, name: str, *, seed: int = 0, **config_changes) 
     return directory
 
 
-def pre_october_llada_dir(root: Path, *, seed: int = 0) -> Path:
-    """``tiny_llada`` as LLaDA's modeling file was before October 2025: every block calls SDPA with
-    ``attn_mask=None``, whatever mask it was given (the only difference)."""
-    directory = root / "tiny_llada_pre_oct2025"
+def edited_llada_dir(root: Path, name: str, old: str, new: str, *, seed: int = 0) -> Path:
+    """A copy of ``tiny_llada`` named ``name`` whose modeling file has its one ``old`` replaced by ``new``."""
+    directory = root / name
     shutil.copytree(FIXTURES / "tiny_llada", directory)
     modeling = directory / "modeling_llada.py"
     source = modeling.read_text()
-    call = "F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,"
-    assert source.count(call) == 1, "the LLaDA fixture's SDPA call changed: update pre_october_llada_dir"
-    modeling.write_text(source.replace(call, call.replace("attn_mask=attn_mask", "attn_mask=None")))
+    assert source.count(old) == 1, f"the LLaDA fixture changed: {old!r} is no longer there once"
+    modeling.write_text(source.replace(old, new))
     write_random_weights(directory, seed)
     return directory
+
+
+def pre_october_llada_dir(root: Path, *, seed: int = 0) -> Path:
+    """``tiny_llada`` as LLaDA's modeling file was before October 2025: every block calls SDPA with
+    ``attn_mask=None``, whatever mask it was given (the only difference)."""
+    call = "F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,"
+    return edited_llada_dir(root, "tiny_llada_pre_oct2025", call, call.replace("attn_mask=attn_mask", "attn_mask=None"),
+                            seed=seed)
 
 
 def remote_model_class(directory: Path):
