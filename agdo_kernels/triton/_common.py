@@ -67,14 +67,19 @@ def pinned_config(gpu_configs, dtype: torch.dtype, head_dim: int) -> tuple:
     return gpu_configs[0]
 
 
+def device_guard(device: torch.device):
+    """Launch context for tensors on ``device``: that CUDA device current (whatever the caller's is); nothing
+    on CPU (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 def launch(kernel, grid, *args, gpu_configs, dtype: torch.dtype, head_dim: int, device: torch.device, **constexprs):
     """Launch an autotuned kernel on ``device`` (whatever the current CUDA device is), pinned or autotuned.
 
     fp32 and head dim 256 are always pinned to the smallest tile; fp16/bf16 up to head dim 128 autotune only
     after ``agdo_kernels.set_deterministic(False)``.
     """
-    guard = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
-    with guard:
+    with device_guard(device):
         if deterministic() or dtype == torch.float32 or head_dim > 128 or triton_interpreted():
             m, n, w, s = pinned_config(gpu_configs, dtype, head_dim)
             kernel.fn[grid](*args, **constexprs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s,

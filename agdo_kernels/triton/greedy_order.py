@@ -12,13 +12,12 @@ scores follow the reference's rule: NaN counts as ``-inf``, and ``-inf`` candida
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from ..reference.ordering import dense_steps, greedy_window
+from ._common import device_guard
 
 
 @triton.jit
@@ -59,8 +58,7 @@ def greedy_order(abar_rr, s0, valid, step_size, block_size, block_mode):
     B, R = s0.shape
     rank = torch.empty((B, R), dtype=torch.int32, device=s0.device)
     if B > 0 and R > 0:
-        device_guard = torch.cuda.device(s0.device) if s0.device.type == "cuda" else contextlib.nullcontext()
-        with device_guard:
+        with device_guard(s0.device):
             columns = abar_rr.to(torch.float32).transpose(1, 2).contiguous()
             block_r = triton.next_power_of_2(R)
             _greedy_rank_kernel[(B,)](

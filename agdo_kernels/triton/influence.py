@@ -17,8 +17,6 @@ exactly 0; padded keys are zeroed once at the end (with a given ``lse`` they do 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import triton
 import triton.language as tl
@@ -27,6 +25,7 @@ from ._common import (
     LOG2E,
     as_bytes,
     check_supported,
+    device_guard,
     dot_precision,
     launch,
     load_tile,
@@ -184,7 +183,7 @@ def counted_rows(lse, attention_mask, query_mask):
     lse2 = torch.empty(B, H, N, dtype=torch.float32, device=lse.device)
     extent = torch.empty(B, 4, dtype=torch.int32, device=lse.device)
     masks = [m.contiguous().view(torch.uint8) if m is not None else lse2 for m in (attention_mask, query_mask)]
-    with torch.cuda.device(lse.device) if lse.is_cuda else nullcontext():
+    with device_guard(lse.device):
         _counted_rows_kernel[(B * H,)](lse, *lse.stride(), *masks, lse2, extent, H, N,
                                        HAS_KEY_MASK=attention_mask is not None,
                                        HAS_QUERY_MASK=query_mask is not None,

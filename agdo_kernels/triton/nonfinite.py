@@ -16,11 +16,11 @@ output: ~0.4 ms of host time, bench/RESULTS.md) with these three and a memset.
 
 from __future__ import annotations
 
-from contextlib import nullcontext as _no_guard
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import device_guard
 
 _SCAN_ELEMENTS = 4096  # elements per scanning program
 _FINISH_BLOCK = 128  # query rows per finishing program
@@ -74,7 +74,7 @@ def _scan_kernel(
                    c_sb, c_sx, c_sy, c_sz, BR_C, BZ_C)
 
 
-def _scan_arguments(t: torch.Tensor | None, B: int):
+def _scan_arguments(t: torch.Tensor | None):
     """``(pointer, Y, rows, Z, strides b/x/y/z, tiles)`` and ``(BLOCK_R, BLOCK_Z)`` of ``t`` seen as
     ``(B, X, Y, Z)`` (a 3-D ``(B, Y, Z)`` tensor has ``X = 1``, a 2-D ``(B, Z)`` one ``X = Y = 1``)."""
     if t is None or t.numel() == 0:
@@ -98,10 +98,10 @@ def flag_nonfinite_rows(B: int, *tensors, device: torch.device) -> torch.Tensor:
     flags = torch.zeros(B, dtype=torch.int32, device=device)
     if not present:
         return flags
-    args, blocks = zip(*(_scan_arguments(t, B) for t in present + [None] * (_MAX_SCANNED - len(present))))
+    args, blocks = zip(*(_scan_arguments(t) for t in present + [None] * (_MAX_SCANNED - len(present))))
     args = [(a[0] if a[0] is not None else flags,) + a[1:] for a in args]  # absent: any pointer, 0 tiles
     programs = B * sum(a[-1] for a in args)
-    with torch.cuda.device(device) if device.type == "cuda" else _no_guard():
+    with device_guard(device):
         _scan_kernel[(programs,)](
             flags, B, *args[0], *args[1], *args[2],
             BR_A=blocks[0][0], BZ_A=blocks[0][1], BR_B=blocks[1][0], BZ_B=blocks[1][1],
@@ -149,7 +149,7 @@ def finish_rows(part: torch.Tensor, flags: torch.Tensor, lse: torch.Tensor | Non
     result = torch.empty(B, N, dtype=torch.float32, device=part.device)
     if B * N == 0:
         return result
-    with torch.cuda.device(part.device) if part.device.type == "cuda" else _no_guard():
+    with device_guard(part.device):
         _finish_rows_kernel[(B * triton.cdiv(N, _FINISH_BLOCK),)](
             flags, part, result, lse if lse is not None else part, out if out is not None else part,
             H, N, out.shape[-1] if out is not None else 1, *(out.stride() if out is not None else (0, 0, 0, 0)),

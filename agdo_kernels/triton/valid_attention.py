@@ -14,8 +14,6 @@ side by side on axis 0 of the grid, so a head's K/V blocks are served from L2.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +21,7 @@ import triton.language as tl
 from ._common import (
     LOG2E,
     check_supported,
+    device_guard,
     dot_precision,
     launch,
     load_tile,
@@ -240,7 +239,7 @@ def key_padding(attention_mask: torch.Tensor):
     B, N = attention_mask.shape
     bias = _key_rows(B, N, attention_mask.device)
     extent = torch.empty(B, 2, dtype=torch.int32, device=attention_mask.device)
-    with torch.cuda.device(attention_mask.device) if attention_mask.is_cuda else nullcontext():
+    with device_guard(attention_mask.device):
         _key_padding_kernel[(B,)](attention_mask.contiguous().view(torch.uint8), bias, extent, N, bias.stride(0),
                                   BLOCK=min(1024, triton.next_power_of_2(max(N, 1))))
     return bias, extent
@@ -264,6 +263,7 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
     out = torch.empty(B, H, Nq, dv, dtype=q.dtype, device=device) if return_output else None
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
     key_bias, key_extent = (None, None) if attention_mask is None else key_padding(attention_mask)
+    u = _key_rows(B, N, device).copy_(unmasked)  # the key bias has the same row stride
     v_arg = v if return_output else k  # unused stand-ins keep the signature fixed
     out_arg = out if return_output else s_part
 
@@ -274,11 +274,11 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
         _valid_attention_kernel, grid,
         q, k, v_arg,
         key_bias if key_bias is not None else s_part, key_extent if key_extent is not None else s_part,
-        _key_rows(B, N, device).copy_(unmasked), s_part, out_arg,
+        u, s_part, out_arg,
         lse if return_lse else s_part, flags,
         *q.stride(), *k.stride(), *v_arg.stride(),
         *(out.stride() if return_output else (0, 0, 0, 0)),
-        H, H // Hkv, Nq, N, tuning_bucket(N), triton.cdiv(N, 16) * 16, scale * LOG2E,
+        H, H // Hkv, Nq, N, tuning_bucket(N), u.stride(0), scale * LOG2E,
         HEAD_DIM=d, DV=dv, HAS_KEY_MASK=key_bias is not None,
         RETURN_OUTPUT=bool(return_output), RETURN_LSE=bool(return_lse), COMPUTE_S=True,
         DOT_PRECISION=dot_precision(q.dtype),
