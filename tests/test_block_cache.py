@@ -234,8 +234,8 @@ def test_the_fed_window_spans_the_active_blocks_of_the_unfinished_rows(adapters,
     windows = []
     make_cache = adapter.block_cache
 
-    def recording_block_cache(mode, attention_mask=None):
-        cache = make_cache(mode, attention_mask)
+    def recording_block_cache(mode, attention_mask=None, lookahead=None):
+        cache = make_cache(mode, attention_mask, lookahead)
         forward = cache.forward
 
         def recording_forward(x, fresh, **kwargs):

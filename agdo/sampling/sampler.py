@@ -119,7 +119,7 @@ class DiffusionAdapter(Protocol):
 
     Optional: ``confidence_from`` (``"raw"`` / ``"sampling"``) or ``family`` (``"dream"`` → ``"sampling"``)
     give the confidence convention used when ``SamplerConfig.confidence_from`` is None; ``block_cache(mode,
-    attention_mask)`` (``agdo.models`` adapters) gives the KV cache of ``SamplerConfig.cache``.
+    attention_mask, lookahead=None)`` (``agdo.models`` adapters) gives the KV cache of ``SamplerConfig.cache``.
     """
 
     mask_token_id: int
@@ -359,9 +359,8 @@ def generate(
     if config.cache != "none":
         if not callable(getattr(adapter, "block_cache", None)):
             raise ValueError(f"SamplerConfig.cache={config.cache!r} needs an adapter with a block KV cache "
-                             "(`block_cache(mode, attention_mask)`, as agdo.models adapters have)")
-        block_cache = (adapter.block_cache(config.cache, attention_mask) if config.cache_lookahead is None
-                       else adapter.block_cache(config.cache, attention_mask, lookahead=config.cache_lookahead))
+                             "(`block_cache(mode, attention_mask, lookahead=None)`, as agdo.models adapters have)")
+        block_cache = adapter.block_cache(config.cache, attention_mask, lookahead=config.cache_lookahead)
     if not config.dynamic:
         block_steps = config.steps // config.num_blocks
         per_step = tokens_per_step(config.schedule, L, block_steps, config.eps).to(device)
