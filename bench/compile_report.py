@@ -80,6 +80,7 @@ class Result:
     shared_bytes: int
     loop_instructions: int  # 0: no loop holding the marker was found
     loop_classes: dict = field(default_factory=dict)
+    loop_paths: tuple = (0, 0)  # instructions issued by the shortest and the longest iteration; (0, 0): unknown
     ptxas_log: str = ""
 
     @property
@@ -102,10 +103,15 @@ def _clean_flags(B, *tensors, device):
     return torch.zeros(B, dtype=torch.int32, device=device)
 
 
-def _key_padding(attention_mask):
-    B, N = attention_mask.shape
-    bias = torch.zeros(B, (N + 15) // 16 * 16)[:, :N].masked_fill(~attention_mask, float("-inf"))
-    return bias, torch.tensor([[0, attention_mask.shape[1]]] * attention_mask.shape[0], dtype=torch.int32)
+def _key_rows(unmasked, attention_mask):
+    B, N = unmasked.shape
+    stride = (N + 15) // 16 * 16
+    u = torch.zeros(B, stride)[:, :N]
+    count = torch.zeros(B, stride + 1, dtype=torch.int32)[:, : N + 1]
+    if attention_mask is None:
+        return u, count, None, None
+    bias = torch.zeros(B, stride)[:, :N].masked_fill(~attention_mask, float("-inf"))
+    return u, count, bias, torch.tensor([[0, N]] * B, dtype=torch.int32)
 
 
 def _counted_rows(lse, attention_mask, query_mask):
@@ -216,9 +222,9 @@ def _launch_arguments(case: Case):
         stand_in = mock.patch.object(module, "launch", _capture_launch)
     else:
         stand_in = mock.patch.object(module, "_greedy_rank_kernel", _CaptureGridLaunch(module._greedy_rank_kernel))
-    # The launches before the kernel (non-finite scan, key padding) get torch stand-ins on these CPU tensors.
+    # The launches before the kernel (non-finite scan, per-key rows) get torch stand-ins on these CPU tensors.
     before = contextlib.ExitStack()
-    for name, stand_in_for in (("flag_nonfinite_rows", _clean_flags), ("key_padding", _key_padding),
+    for name, stand_in_for in (("flag_nonfinite_rows", _clean_flags), ("key_rows", _key_rows),
                                ("counted_rows", _counted_rows)):
         if hasattr(module, name):
             before.enter_context(mock.patch.object(module, name, stand_in_for))
@@ -264,9 +270,11 @@ def compile_case(case: Case) -> Result:
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                   options=options.__dict__)  # fmt: skip
     usage = ptxas_usage(log.getvalue())
-    loop = hot_loop(disassemble(compiled.asm["cubin"]), KERNELS[case.kernel].marker)
+    sass = disassemble(compiled.asm["cubin"])
+    loop = hot_loop(sass, KERNELS[case.kernel].marker)
     return Result(case, **usage, shared_bytes=compiled.metadata.shared, loop_instructions=len(loop),
-                  loop_classes=instruction_classes(loop), ptxas_log=log.getvalue())  # fmt: skip
+                  loop_paths=loop_paths(sass, KERNELS[case.kernel].marker), loop_classes=instruction_classes(loop),
+                  ptxas_log=log.getvalue())  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -295,31 +303,75 @@ def disassemble(cubin: bytes) -> str:
         ).stdout
 
 
-_SASS_LINE = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+_SASS_LINE = re.compile(r"/\*([0-9a-f]+)\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 
 
-def sass_instructions(sass: str) -> list[tuple[int, str, str]]:
-    """``(address, opcode, operands)`` of every instruction in ``cuobjdump -sass`` text."""
-    return [(int(address, 16), opcode, operands) for address, opcode, operands in _SASS_LINE.findall(sass)]
+@dataclass(frozen=True)
+class Instruction:
+    address: int
+    opcode: str
+    operands: str
+    predicated: bool  # guarded by a predicate (``@P0``, ``@!P1``): a branch that may fall through
+
+    def branch_target(self) -> int | None:
+        target = re.search(r"0x([0-9a-f]+)", self.operands) if self.opcode.startswith("BRA") else None
+        return int(target.group(1), 16) if target else None
+
+
+def sass_instructions(sass: str) -> list[Instruction]:
+    """Every instruction of ``cuobjdump -sass`` text, in address order."""
+    return [
+        Instruction(int(address, 16), opcode, operands, bool(predicate))
+        for address, predicate, opcode, operands in _SASS_LINE.findall(sass)
+    ]
+
+
+def _hot_loop_body(instructions: list[Instruction], marker: str) -> list[Instruction]:
+    """The innermost loop holding an instruction starting with ``marker``; [] if there is none.
+
+    A loop is the range from a backward branch's target to the branch.
+    """
+    loops = []
+    for instruction in instructions:
+        target = instruction.branch_target()
+        if target is not None and target < instruction.address:
+            loops.append([i for i in instructions if target <= i.address <= instruction.address])
+    marked = [body for body in loops if any(i.opcode.startswith(marker) for i in body)]
+    return min(marked, key=len) if marked else []
 
 
 def hot_loop(sass: str, marker: str) -> list[str]:
-    """Opcodes of the innermost loop holding an instruction starting with ``marker``; [] if there is none.
+    """Opcodes of the innermost loop holding ``marker`` as written; nested loops (barrier spin-waits) once."""
+    return [i.opcode for i in _hot_loop_body(sass_instructions(sass), marker)]
 
-    A loop is the range from a backward branch's target to the branch. Smaller loops nested in it (barrier
-    spin-waits) are counted once, as written.
-    """
-    instructions = sass_instructions(sass)
-    loops = []
-    for address, opcode, operands in instructions:
-        target = re.search(r"0x([0-9a-f]+)", operands)
-        if opcode.startswith("BRA") and target and int(target.group(1), 16) < address:
-            loops.append((int(target.group(1), 16), address))
-    bodies = [
-        [opcode for address, opcode, _ in instructions if start <= address <= end] for start, end in sorted(loops)
-    ]
-    marked = [body for body in bodies if any(opcode.startswith(marker) for opcode in body)]
-    return min(marked, key=len) if marked else []
+
+def loop_paths(sass: str, marker: str) -> tuple[int, int]:
+    """Instructions issued by the hot loop's shortest and longest iteration: every path from the loop's head to
+    its backward branch through the branches inside (a key tile that skips work issues fewer than the loop
+    holds). Nested loops count once, paths that leave the loop are not iterations. ``(0, 0)``: no loop."""
+    body = _hot_loop_body(sass_instructions(sass), marker)
+    if not body:
+        return 0, 0
+    index = {i.address: n for n, i in enumerate(body)}
+    # paths[n] = (shortest, longest) instruction count from body[n] to the backward branch; None: leaves the loop
+    paths: list[tuple[int, int] | None] = [None] * len(body)
+    paths[-1] = (1, 1)
+    for n in range(len(body) - 2, -1, -1):
+        instruction = body[n]
+        successors = []
+        target = instruction.branch_target()
+        if target is not None and target > instruction.address:  # a forward branch: taken (and maybe not)
+            successors.append(index.get(target))  # None when it jumps out of the loop
+            if instruction.predicated:
+                successors.append(n + 1)
+        elif instruction.opcode == "EXIT" and not instruction.predicated:
+            successors = []
+        else:  # straight-line code; a nested loop's backward branch falls through (its loop counted once)
+            successors.append(n + 1)
+        reachable = [paths[m] for m in successors if m is not None and paths[m] is not None]
+        if reachable:
+            paths[n] = (1 + min(p[0] for p in reachable), 1 + max(p[1] for p in reachable))
+    return paths[0] or (0, 0)
 
 
 def instruction_classes(opcodes: list[str]) -> dict:
@@ -338,34 +390,49 @@ def _floor_of(result: Result, results: list[Result]) -> Result | None:
     return next((r for r in results if r.case == floor_case), None)
 
 
+def _per_tile(result: Result) -> tuple[int, int]:
+    """Instructions one iteration issues, shortest and longest path (the whole body when paths are unknown)."""
+    return result.loop_paths if result.loop_paths[0] else (result.loop_instructions, result.loop_instructions)
+
+
+def _span(low, high, form) -> str:
+    return form.format(low) if form.format(low) == form.format(high) else form.format(low) + "-" + form.format(high)
+
+
 def render_table(results: list[Result]) -> str:
-    """Markdown: one table per target, a row per compile; ``S+O / floor`` on valid_attention's rows."""
+    """Markdown: one table per target, a row per compile; ``S+O / floor`` on valid_attention's rows.
+
+    ``loop instr`` is the loop body as written; ``per tile`` what one iteration issues, ``low-high`` when its
+    branches skip work on some tiles (``S+O / floor`` compares these)."""
     lines = []
     for arch in sorted({r.case.arch for r in results}, reverse=True):
         lines += [
             f"sm_{arch} (shared memory limit {SHARED_LIMIT[arch] // 1024} KiB per block):",
             "",
             "| kernel | dtype | d | key mask | config (M, N, warps, stages) | regs | spill st/ld B | smem KiB "
-            "| loop instr | S+O / floor | " + " | ".join(name for name, _ in INSTRUCTION_CLASSES) + " |",
-            "|---" * (10 + len(INSTRUCTION_CLASSES)) + "|",
+            "| loop instr | per tile | S+O / floor | " + " | ".join(name for name, _ in INSTRUCTION_CLASSES) + " |",
+            "|---" * (11 + len(INSTRUCTION_CLASSES)) + "|",
         ]
         for r in (r for r in results if r.case.arch == arch):
             c = r.case
             name = c.kernel + (" floor (no S)" if c.floor else "")
             floor = None if c.floor else _floor_of(r, results)
+            low, high = _per_tile(r)
             ratio = "—"
             if floor and floor.loop_instructions:
-                ratio = f"{r.loop_instructions / floor.loop_instructions:.2f}x"
+                floor_low, floor_high = _per_tile(floor)
+                ratio = _span(low / floor_low, high / floor_high, "{:.2f}") + "x"
             config = ", ".join(map(str, c.config)) + (" (pinned)" if c.pinned else "") if c.config else "launcher's"
             if c.max_registers:
                 config += f", ≤ {c.max_registers} regs"
             spills = f"**{r.spill_store_bytes}/{r.spill_load_bytes}**" if r.spills else "0/0"
             shared = f"{r.shared_bytes / 1024:.0f}" + (" (over)" if r.shared_bytes > SHARED_LIMIT[arch] else "")
             loop = str(r.loop_instructions) if r.loop_instructions else "no loop"
+            per_tile = _span(low, high, "{}") if r.loop_instructions else "—"
             mask = ("on" if c.key_mask else "off") if c.config else "—"  # greedy_order takes no key mask
             lines.append(
                 f"| {name} | {c.dtype} | {c.head_dim or '—'} | {mask} | {config} "
-                f"| {r.registers} | {spills} | {shared} | {loop} | {ratio} | "
+                f"| {r.registers} | {spills} | {shared} | {loop} | {per_tile} | {ratio} | "
                 + " | ".join(str(r.loop_classes[n]) for n, _ in INSTRUCTION_CLASSES)
                 + " |"
             )

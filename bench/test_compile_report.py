@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import compile_report
@@ -78,7 +79,13 @@ def test_floor_ratio_in_table():
 
     table = compile_report.render_table([result(False, 550), result(True, 500)])
     s_row, floor_row = (line.split(" | ") for line in table.splitlines() if line.startswith("| valid_attention"))
-    assert s_row[9] == "1.10x" and floor_row[0] == "| valid_attention floor (no S)" and floor_row[9] == "—"
+    assert s_row[10] == "1.10x" and floor_row[0] == "| valid_attention floor (no S)" and floor_row[10] == "—"
+    assert s_row[9] == "550" and floor_row[9] == "500"  # per tile: no paths known, the whole body
+
+    branchy = replace(result(False, 560), loop_paths=(520, 560))
+    s_row = next(line.split(" | ") for line in compile_report.render_table([branchy, result(True, 500)]).splitlines()
+                 if line.startswith("| valid_attention |"))  # fmt: skip
+    assert s_row[8:11] == ["560", "520-560", "1.04-1.12x"]
 
 
 def test_spills_are_detected(tmp_path):
@@ -101,6 +108,30 @@ def test_ptxas_report_parsing():
     }  # fmt: skip
     with pytest.raises(ValueError):
         compile_report.ptxas_usage("ptxas fatal : Ptx assembly aborted due to errors")
+
+
+def test_loop_paths_follow_the_branches_inside_the_loop():
+    """Shortest and longest iteration: a predicated forward branch skips 0x50-0x60 (or not), a nested spin loop
+    counts once, a branch out of the loop (0x90) is not an iteration."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   MUFU.EX2 R3, R2 ;
+        /*0020*/                   SYNCS.PHASECHK.TRANS64 P0, [UR4], R5 ;
+        /*0030*/              @!P0 BRA 0x20 ;
+        /*0040*/               @P1 BRA 0x70 ;
+        /*0050*/                   FMUL R4, R3, R3 ;
+        /*0060*/                   FADD R4, R4, R3 ;
+        /*0070*/               @P2 BRA 0xb0 ;
+        /*0080*/                   IADD3 R6, R6, 0x1, RZ ;
+        /*0090*/              @!P3 BRA 0x10 ;
+        /*00a0*/                   EXIT ;
+        /*00b0*/                   BRA 0xb0;
+    """
+    assert len(compile_report.hot_loop(sass, "MUFU.EX2")) == 9
+    assert compile_report.loop_paths(sass, "MUFU.EX2") == (7, 9)
+    assert compile_report.loop_paths(sass, "LDL") == (0, 0)
+    straight = "\n".join(line for line in sass.splitlines() if "@P1 BRA" not in line)
+    assert compile_report.loop_paths(straight, "MUFU.EX2") == (8, 8)
 
 
 def test_hot_loop_is_the_innermost_loop_with_the_marker():

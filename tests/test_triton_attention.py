@@ -297,10 +297,12 @@ def test_strided_inputs_match_contiguous():
     )
 
 
-def test_key_padding_bias_and_real_key_extents():
-    """The launcher's one-launch key padding: the additive bias and [first real key, last real key + 1) per
-    row (holes inside the extent stay in the bias; a row without real keys gets an empty extent)."""
-    from agdo_kernels.triton.valid_attention import key_padding
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no_mask"])
+def test_key_rows_bias_extents_and_running_count(with_mask):
+    """The launcher's one-launch per-key rows: U as float32, the running count of U keys before each position,
+    and with a mask the additive bias and [first real key, last real key + 1) per row (holes inside the
+    extent stay in the bias; a row without real keys gets an empty extent)."""
+    from agdo_kernels.triton.valid_attention import key_rows
 
     gen = torch.Generator().manual_seed(5)
     mask = torch.rand(5, 1500, generator=gen) < 0.7  # longer than one 1024-key chunk of the kernel
@@ -308,13 +310,49 @@ def test_key_padding_bias_and_real_key_extents():
     mask[2, 1100:] = False
     mask[3] = False
     mask[4] = True
-    bias, extent = key_padding(mask.to(DEVICE))
+    unmasked = torch.rand(5, 1500, generator=gen) < 0.4
+    unmasked[0] = True
+    unmasked[1, 300:1200] = False
+    u, count, bias, extent = key_rows(unmasked.to(DEVICE), mask.to(DEVICE) if with_mask else None)
+    assert torch.equal(u.cpu(), unmasked.float())
+    expected_count = torch.cat([torch.zeros(5, 1, dtype=torch.int64), unmasked.long().cumsum(1)], 1)
+    assert count.dtype == torch.int32 and torch.equal(count.cpu().long(), expected_count)
+    assert u.stride(0) % 16 == 0
+    if not with_mask:
+        assert bias is None and extent is None
+        return
+    assert bias.stride(0) == u.stride(0)
     expected_bias = torch.zeros(5, 1500).masked_fill(~mask, float("-inf"))
     assert torch.equal(bias.cpu(), expected_bias)
     for b in range(5):
         real = mask[b].nonzero().flatten().tolist()
         expected = (real[0], real[-1] + 1) if real else (1500, 0)
         assert tuple(extent[b].tolist()) == expected, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_valid_attention_with_whole_key_blocks_in_or_out_of_u(dtype):
+    """U as decoding makes it: whole key blocks in U (prompt, decoded blocks), whole blocks out (the masked
+    suffix) and blocks that mix both — with the interpreter's 16-key blocks, every kind in each row, with
+    padding on the left. The kernel takes a shortcut on the uniform blocks: S must not change."""
+    B, H, Hkv, N, d = 3, 4, 2, 86, 32
+    q, k, v = make_inputs((B, H, Hkv, N, d), dtype, seed=11)
+    mask = make_padding(B, N, "left", seed=11)
+    unmasked = torch.zeros(B, N, dtype=torch.bool)
+    unmasked[:, :32] = True  # two whole blocks in U (the padding inside them is in U too, as callers pass it)
+    unmasked[0, 32:48] = True
+    unmasked[1, 40:70] = torch.rand(30, generator=torch.Generator().manual_seed(1)) < 0.5  # mixed, then out
+    unmasked[2, 64:86] = True  # the ragged last block (80..85) in U
+    unmasked = unmasked.to(DEVICE)
+    scale = 1 / math.sqrt(d)
+
+    s, out, _ = valid_attention(q, k, v, unmasked, mask, scale, True, False)
+
+    probs, _ = naive_probs(q, k, mask, scale)
+    expected_s = (probs * unmasked[:, None, None, :]).sum(-1).mean(1) * mask
+    torch.testing.assert_close(s.double(), expected_s, atol=STAT_ATOL, rtol=0)
+    expected_out = probs @ v.double().repeat_interleave(H // Hkv, 1)
+    torch.testing.assert_close(out.double(), expected_out, atol=OUT_TOL[dtype], rtol=OUT_TOL[dtype])
 
 
 def test_counted_rows_lse_and_extents():

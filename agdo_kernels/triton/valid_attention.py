@@ -3,7 +3,9 @@
 One program per (block of ``BLOCK_M`` query rows, batch, query head) streams the key blocks with an
 online softmax. Beside the denominator ``l = sum_k p`` it keeps ``u = sum_{k in U} p``, rescaled by the
 same ``exp2(m_old - m_new)`` factor whenever the running max moves, so ``S_h = u / l`` is exact at the
-end. Each program writes its head's ``S_h`` to a small fp32 ``(B, H, N)`` buffer that one more launch
+end. A whole key block whose keys are all in ``U`` (the prompt, decoded blocks) or none (the masked suffix)
+adds the block's row sum or nothing, with no per-key work; only blocks that mix both multiply ``p`` by
+``U`` (compile-only cost: bench/RESULTS.md). Each program writes its head's ``S_h`` to a small fp32 ``(B, H, N)`` buffer that one more launch
 averages over heads (:func:`.nonfinite.finish_rows`, which also applies the non-finite row rule):
 deterministic, no atomics on the statistics.
 
@@ -54,6 +56,7 @@ def _attend_key_block(
     v_base,
     key_bias_row,
     unmasked_row,
+    unmasked_count_row,
     start_n,
     N,
     stride_kn,
@@ -87,13 +90,21 @@ def _attend_key_block(
     ref = tl.where(new_max == float("-inf"), 0.0, new_max)
     alpha = tl.math.exp2(row_max - ref)
     p = tl.math.exp2(logits * qk_scale - ref[:, None])
-    row_sum = row_sum * alpha + tl.sum(p, 1)
-    if COMPUTE_S:  # U as float32 (no per-element conversion), unpredicated in whole tiles
+    tile_sum = tl.sum(p, 1)
+    row_sum = row_sum * alpha + tile_sum
+    if COMPUTE_S:
         if BOUNDARY:
             in_u = tl.load(unmasked_row + offs_n, mask=offs_n < N, other=0.0)
+            unmasked_sum = unmasked_sum * alpha + tl.sum(p * in_u[None, :], 1)
         else:
-            in_u = tl.load(unmasked_row + offs_n)
-        unmasked_sum = unmasked_sum * alpha + tl.sum(p * in_u[None, :], 1)
+            # A whole block with every key in U (the prompt, decoded blocks) or none (the masked suffix) adds
+            # the row sum it already has, or nothing; only blocks that mix both multiply p by U key by key.
+            in_u_count = tl.load(unmasked_count_row + start_n + BLOCK_N) - tl.load(unmasked_count_row + start_n)
+            if (in_u_count == 0) | (in_u_count == BLOCK_N):
+                unmasked_sum = unmasked_sum * alpha + tl.where(in_u_count == 0, 0.0, tile_sum)
+            else:
+                in_u = tl.load(unmasked_row + offs_n)  # U as float32: no per-element conversion
+                unmasked_sum = unmasked_sum * alpha + tl.sum(p * in_u[None, :], 1)
     if RETURN_OUTPUT:
         v = load_tile(v_base, offs_n, N, stride_vn, tl.arange(0, DV), stride_vd, BOUNDARY)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -112,6 +123,7 @@ def _valid_attention_kernel(
     key_bias_ptr,
     key_extent_ptr,
     unmasked_ptr,
+    unmasked_count_ptr,
     s_part_ptr,
     out_ptr,
     lse_ptr,
@@ -162,6 +174,7 @@ def _valid_attention_kernel(
     v_base = v_ptr + b * stride_vb + kv * stride_vh
     key_bias_row = key_bias_ptr + b * KEY_ROW_STRIDE
     unmasked_row = unmasked_ptr + b * KEY_ROW_STRIDE
+    unmasked_count_row = unmasked_count_ptr + b * (KEY_ROW_STRIDE + 1)
 
     acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -179,13 +192,13 @@ def _valid_attention_kernel(
     n_full = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
     for start_n in range(lo, n_full, BLOCK_N):
         acc, row_sum, row_max, unmasked_sum = _attend_key_block(
-            acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_bias_row, unmasked_row, start_n, N,
+            acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_bias_row, unmasked_row, unmasked_count_row, start_n, N,
             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
             HEAD_DIM, DV, BLOCK_N, HAS_KEY_MASK, False, RETURN_OUTPUT, COMPUTE_S, DOT_PRECISION,
         )  # fmt: skip
     if n_full < hi:
         acc, row_sum, row_max, unmasked_sum = _attend_key_block(
-            acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_bias_row, unmasked_row, n_full, N,
+            acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_bias_row, unmasked_row, unmasked_count_row, n_full, N,
             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
             HEAD_DIM, DV, BLOCK_N, HAS_KEY_MASK, True, RETURN_OUTPUT, COMPUTE_S, DOT_PRECISION,
         )  # fmt: skip
@@ -214,35 +227,55 @@ def _valid_attention_kernel(
 
 
 @triton.jit
-def _key_padding_kernel(mask_ptr, bias_ptr, extent_ptr, N, BIAS_STRIDE, BLOCK: tl.constexpr):
-    """Row ``b``: the additive bias (0 real, -inf padding) and ``[first real key, last real key + 1)``."""
+def _key_rows_kernel(unmasked_ptr, mask_ptr, u_ptr, count_ptr, bias_ptr, extent_ptr, N, ROW_STRIDE,
+                     HAS_KEY_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """Row ``b`` of the per-key inputs: ``U`` as float32, the running count of ``U`` keys before each position
+    (``N + 1`` entries, so a key block's count is two loads), and with a mask the additive bias (0 real, -inf
+    padding) and ``[first real key, last real key + 1)``."""
     b = tl.program_id(0).to(tl.int64)
+    in_u_before = 0
     first = tl.full([BLOCK], N, tl.int32)
     last = tl.full([BLOCK], -1, tl.int32)
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        real = tl.load(mask_ptr + b * N + offs, mask=offs < N, other=0) != 0
-        tl.store(bias_ptr + b * BIAS_STRIDE + offs, tl.where(real, 0.0, float("-inf")), mask=offs < N)
-        first = tl.minimum(first, tl.where(real, offs, N))
-        last = tl.maximum(last, tl.where(real, offs, -1))
-    tl.store(extent_ptr + 2 * b, tl.min(first))
-    tl.store(extent_ptr + 2 * b + 1, tl.max(last) + 1)  # 0 for a row without real keys: no block visited
+        inside = offs < N
+        in_u = (tl.load(unmasked_ptr + b * N + offs, mask=inside, other=0) != 0).to(tl.int32)
+        tl.store(u_ptr + b * ROW_STRIDE + offs, in_u.to(tl.float32), mask=inside)
+        # count[j + 1] = keys of U in [0, j]; count[0] = 0 is written below
+        tl.store(count_ptr + b * (ROW_STRIDE + 1) + offs + 1, in_u_before + tl.cumsum(in_u, 0), mask=inside)
+        in_u_before += tl.sum(in_u, 0)
+        if HAS_KEY_MASK:
+            real = tl.load(mask_ptr + b * N + offs, mask=inside, other=0) != 0
+            tl.store(bias_ptr + b * ROW_STRIDE + offs, tl.where(real, 0.0, float("-inf")), mask=inside)
+            first = tl.minimum(first, tl.where(real, offs, N))
+            last = tl.maximum(last, tl.where(real, offs, -1))
+    tl.store(count_ptr + b * (ROW_STRIDE + 1), 0)
+    if HAS_KEY_MASK:
+        tl.store(extent_ptr + 2 * b, tl.min(first))
+        tl.store(extent_ptr + 2 * b + 1, tl.max(last) + 1)  # 0 for a row without real keys: no block visited
 
 
-def _key_rows(B: int, N: int, device) -> torch.Tensor:
-    """An uninitialised float32 ``(B, N)`` view with rows 16 elements apart (what the kernel reads)."""
-    return torch.empty(B, triton.cdiv(N, 16) * 16, dtype=torch.float32, device=device)[:, :N]
-
-
-def key_padding(attention_mask: torch.Tensor):
-    """``(key_bias (B, N) float32, key_extent (B, 2) int32)`` of a bool ``attention_mask``, one launch."""
-    B, N = attention_mask.shape
-    bias = _key_rows(B, N, attention_mask.device)
-    extent = torch.empty(B, 2, dtype=torch.int32, device=attention_mask.device)
-    with device_guard(attention_mask.device):
-        _key_padding_kernel[(B,)](attention_mask.contiguous().view(torch.uint8), bias, extent, N, bias.stride(0),
-                                  BLOCK=min(1024, triton.next_power_of_2(max(N, 1))))
-    return bias, extent
+def key_rows(unmasked: torch.Tensor, attention_mask: torch.Tensor | None):
+    """The per-key rows the kernel reads, from one launch: ``U`` as float32 ``(B, N)``, the running count of
+    ``U`` keys ``(B, N + 1)`` int32, and (``None`` without a mask) the key bias ``(B, N)`` float32 and the real-key
+    extent ``(B, 2)`` int32. The float rows are 16 elements apart, so pairs of keys load as one 64-bit load."""
+    B, N = unmasked.shape
+    device = unmasked.device
+    row_stride = triton.cdiv(N, 16) * 16
+    u = torch.empty(B, row_stride, dtype=torch.float32, device=device)[:, :N]
+    count = torch.empty(B, row_stride + 1, dtype=torch.int32, device=device)[:, : N + 1]
+    bias = extent = None
+    if attention_mask is not None:
+        bias = torch.empty(B, row_stride, dtype=torch.float32, device=device)[:, :N]
+        extent = torch.empty(B, 2, dtype=torch.int32, device=device)
+    with device_guard(device):
+        _key_rows_kernel[(B,)](
+            unmasked.contiguous().view(torch.uint8),
+            u if attention_mask is None else attention_mask.contiguous().view(torch.uint8),
+            u, count, u if bias is None else bias, count if extent is None else extent, N, row_stride,
+            HAS_KEY_MASK=attention_mask is not None, BLOCK=min(1024, triton.next_power_of_2(max(N, 1))),
+        )  # fmt: skip
+    return u, count, bias, extent
 
 
 def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, return_lse):
@@ -262,8 +295,7 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
     s_part = torch.empty(B, H, Nq, dtype=torch.float32, device=device)
     out = torch.empty(B, H, Nq, dv, dtype=q.dtype, device=device) if return_output else None
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
-    key_bias, key_extent = (None, None) if attention_mask is None else key_padding(attention_mask)
-    u = _key_rows(B, N, device).copy_(unmasked)  # the key bias has the same row stride
+    u, u_count, key_bias, key_extent = key_rows(unmasked, attention_mask)
     v_arg = v if return_output else k  # unused stand-ins keep the signature fixed
     out_arg = out if return_output else s_part
 
@@ -274,7 +306,7 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
         _valid_attention_kernel, grid,
         q, k, v_arg,
         key_bias if key_bias is not None else s_part, key_extent if key_extent is not None else s_part,
-        u, s_part, out_arg,
+        u, u_count, s_part, out_arg,
         lse if return_lse else s_part, flags,
         *q.stride(), *k.stride(), *v_arg.stride(),
         *(out.stride() if return_output else (0, 0, 0, 0)),
