@@ -119,7 +119,7 @@ def _counted_rows(lse, attention_mask, query_mask):
     return lse.float().contiguous(), torch.tensor([[0, N, 0, N]] * B, dtype=torch.int32)
 
 
-def _capture_launch(kernel, grid, *args, gpu_configs, dtype, head_dim, device, **constexprs):
+def _capture_launch(kernel, grid, *args, gpu_configs, dtype, head_dim, device, sm80_fp32_config=None, **constexprs):
     raise LaunchCaptured(kernel.fn, args, constexprs)  # the autotuner's JITFunction
 
 
@@ -198,10 +198,11 @@ def cases(*, arches, dtypes, head_dims, kernels, all_configs, floors, max_regist
             found += [Case(kernel, arch, "fp32", 0, False, (), True, max_registers=max_registers) for arch in arches]
             continue
         gpu_configs = _module(kernel)._GPU_CONFIGS
+        sm80_fp32 = getattr(_module(kernel), "_SM80_FP32_CONFIG", None)
         for arch in arches:
             for dtype in dtypes:
                 for head_dim in head_dims:
-                    pinned = pinned_config(gpu_configs, DTYPES[dtype], head_dim)
+                    pinned = pinned_config(gpu_configs, DTYPES[dtype], head_dim, arch, sm80_fp32)
                     configs = gpu_configs if all_configs and dtype != "fp32" else [pinned]
                     for config in configs:
                         for key_mask in (False, True):

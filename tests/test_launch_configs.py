@@ -64,3 +64,14 @@ def test_autotuning_only_on_request_and_never_for_fp32_or_head_dim_256(compiled)
 def test_interpreter_runs_its_own_small_tile(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _common.pinned_config(CONFIGS, torch.float16, 64) == _common._INTERPRETER_CONFIG
+
+
+def test_fp32_before_sm90_takes_the_kernels_own_tile(compiled):
+    """An A100 (no wgmma: tf32x3 operands in registers) pins fp32 to the kernel's sm_80 tile where it has one;
+    bf16 and an H100 keep the list's choice."""
+    sm80 = (32, 32, 4, 1)
+    assert _common.pinned_config(CONFIGS, torch.float32, 128, 80, sm80) == sm80
+    assert _common.pinned_config(CONFIGS, torch.float32, 128, 86, sm80) == sm80
+    assert _common.pinned_config(CONFIGS, torch.float32, 128, 90, sm80) == (64, 32, 4, 1)
+    assert _common.pinned_config(CONFIGS, torch.float32, 128, 80, None) == (64, 32, 4, 1)
+    assert _common.pinned_config(CONFIGS, torch.bfloat16, 128, 80, sm80) == CONFIGS[0]

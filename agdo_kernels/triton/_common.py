@@ -56,12 +56,15 @@ def tuning_configs(gpu_configs):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs]
 
 
-def pinned_config(gpu_configs, dtype: torch.dtype, head_dim: int) -> tuple:
+def pinned_config(gpu_configs, dtype: torch.dtype, head_dim: int, arch: int = 90, sm80_fp32_config=None) -> tuple:
     """The config pinned for a launch: the list's first (preferred) tile for fp16/bf16 up to head dim 128,
     the smallest tile for fp32 and head dim 256, the interpreter's tile under the interpreter. fp32's tf32x3
-    dots hold three times the operands, where big tiles spill registers."""
+    dots hold three times the operands, where big tiles spill registers; before sm_90 (``arch`` 80, 86, 89:
+    no wgmma, the operands live in registers) fp32 takes the kernel's ``sm80_fp32_config`` where it has one."""
     if triton_interpreted():
         return _INTERPRETER_CONFIG
+    if dtype == torch.float32 and arch < 90 and sm80_fp32_config is not None:
+        return sm80_fp32_config
     if dtype == torch.float32 or head_dim > 128:
         return min(gpu_configs, key=lambda c: (c[0] * c[1], c[3]))
     return gpu_configs[0]
@@ -73,15 +76,24 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
-def launch(kernel, grid, *args, gpu_configs, dtype: torch.dtype, head_dim: int, device: torch.device, **constexprs):
+def _arch(device: torch.device) -> int:
+    """``90`` for an H100, ``80`` for an A100; 90 off CUDA (the launch is not compiled for a GPU there)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def launch(kernel, grid, *args, gpu_configs, dtype: torch.dtype, head_dim: int, device: torch.device,
+           sm80_fp32_config=None, **constexprs):  # fmt: skip
     """Launch an autotuned kernel on ``device`` (whatever the current CUDA device is), pinned or autotuned.
 
-    fp32 and head dim 256 are always pinned to the smallest tile; fp16/bf16 up to head dim 128 autotune only
-    after ``agdo_kernels.set_deterministic(False)``.
+    fp32 and head dim 256 are always pinned to the smallest tile (fp32 before sm_90: ``sm80_fp32_config``
+    where given); fp16/bf16 up to head dim 128 autotune only after ``agdo_kernels.set_deterministic(False)``.
     """
     with device_guard(device):
         if deterministic() or dtype == torch.float32 or head_dim > 128 or triton_interpreted():
-            m, n, w, s = pinned_config(gpu_configs, dtype, head_dim)
+            m, n, w, s = pinned_config(gpu_configs, dtype, head_dim, _arch(device), sm80_fp32_config)
             kernel.fn[grid](*args, **constexprs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s,
                             enable_fp_fusion=FP_FUSION)
         else:

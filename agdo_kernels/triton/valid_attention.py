@@ -5,9 +5,9 @@ online softmax. Beside the denominator ``l = sum_k p`` it keeps ``u = sum_{k in 
 same ``exp2(m_old - m_new)`` factor whenever the running max moves, so ``S_h = u / l`` is exact at the
 end. A whole key block whose keys are all in ``U`` (the prompt, decoded blocks) or none (the masked suffix)
 adds the block's row sum or nothing, with no per-key work; only blocks that mix both multiply ``p`` by
-``U`` (compile-only cost: bench/RESULTS.md). Each program writes its head's ``S_h`` to a small fp32 ``(B, H, N)`` buffer that one more launch
-averages over heads (:func:`.nonfinite.finish_rows`, which also applies the non-finite row rule):
-deterministic, no atomics on the statistics.
+``U`` (compile-only cost: bench/RESULTS.md). Each program writes its head's ``S_h`` to a small fp32
+``(B, H, N)`` buffer that one more launch averages over heads (:func:`.nonfinite.finish_rows`, which also
+applies the non-finite row rule): deterministic, no atomics on the statistics.
 
 Why not one program per GQA group: packing the ``g`` heads of a group into one tile does not cut K/V
 traffic (the number of (query tile, key block) pairs is the same), while programs of the same head run
@@ -43,6 +43,9 @@ _GPU_CONFIGS = [
     (64, 64, 4, 2),
     (64, 32, 4, 1),
 ]
+# fp32 on sm_80 (bench/compile_report.py --arch 80 --dtype fp32): spills 1 KB at head dim 128, none in the
+# hot loop (the smallest tile of the list spills 5 KB there, 400 spill instructions in the hot loop).
+_SM80_FP32_CONFIG = (32, 32, 4, 1)
 
 
 @triton.jit
@@ -192,13 +195,15 @@ def _valid_attention_kernel(
     n_full = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
     for start_n in range(lo, n_full, BLOCK_N):
         acc, row_sum, row_max, unmasked_sum = _attend_key_block(
-            acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_bias_row, unmasked_row, unmasked_count_row, start_n, N,
+            acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_bias_row, unmasked_row, unmasked_count_row,
+            start_n, N,
             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
             HEAD_DIM, DV, BLOCK_N, HAS_KEY_MASK, False, RETURN_OUTPUT, COMPUTE_S, DOT_PRECISION,
         )  # fmt: skip
     if n_full < hi:
         acc, row_sum, row_max, unmasked_sum = _attend_key_block(
-            acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_bias_row, unmasked_row, unmasked_count_row, n_full, N,
+            acc, row_sum, row_max, unmasked_sum, q, k_base, v_base, key_bias_row, unmasked_row, unmasked_count_row,
+            n_full, N,
             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
             HEAD_DIM, DV, BLOCK_N, HAS_KEY_MASK, True, RETURN_OUTPUT, COMPUTE_S, DOT_PRECISION,
         )  # fmt: skip
@@ -314,6 +319,6 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
         HEAD_DIM=d, DV=dv, HAS_KEY_MASK=key_bias is not None,
         RETURN_OUTPUT=bool(return_output), RETURN_LSE=bool(return_lse), COMPUTE_S=True,
         DOT_PRECISION=dot_precision(q.dtype),
-        gpu_configs=_GPU_CONFIGS, dtype=q.dtype, head_dim=d, device=device,
+        gpu_configs=_GPU_CONFIGS, sm80_fp32_config=_SM80_FP32_CONFIG, dtype=q.dtype, head_dim=d, device=device,
     )  # fmt: skip
     return finish_rows(s_part, flags, lse, out), out, lse
