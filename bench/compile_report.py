@@ -12,6 +12,7 @@ hot-loop instructions.
 
     python bench/compile_report.py --arch 90 80 --out report.md             # pinned configs
     python bench/compile_report.py --arch 90 80 --all-configs --out report.md
+    python bench/compile_report.py --arch 90 80 --kv-heads 8 --out report.md   # no GQA (LLaDA's layout)
 
 Each compile sees the arguments the real launcher passes (captured from a call on small CPU tensors, so
 pointer alignment and strides specialise as at run time) with N = 1000 keys: not a multiple of 16, as in
@@ -68,6 +69,7 @@ class Case:
     pinned: bool
     floor: bool = False  # valid_attention without S (COMPUTE_S=False)
     max_registers: int | None = None  # ptxas' register cap (the launch option ``maxnreg``); None: none
+    kv_heads: int = KV_HEADS  # of HEADS query heads: KV_HEADS is GQA, HEADS none
 
 
 @dataclass
@@ -136,31 +138,32 @@ class _CaptureGridLaunch:
         return capture
 
 
-def _attention_inputs(dtype, head_dim, key_mask):
+def _attention_inputs(case):
+    dtype, head_dim, key_mask = DTYPES[case.dtype], case.head_dim, case.key_mask
     q = torch.zeros(1, HEADS, SEQ_LEN, head_dim, dtype=dtype)
-    k = torch.zeros(1, KV_HEADS, SEQ_LEN, head_dim, dtype=dtype)
+    k = torch.zeros(1, case.kv_heads, SEQ_LEN, head_dim, dtype=dtype)
     mask = torch.ones(1, SEQ_LEN, dtype=torch.bool) if key_mask else None
     lse = torch.zeros(1, HEADS, SEQ_LEN)
     return q, k, mask, lse
 
 
-def _call_valid_attention(module, dtype, head_dim, key_mask):
-    q, k, mask, _ = _attention_inputs(dtype, head_dim, key_mask)
+def _call_valid_attention(module, case):
+    q, k, mask, _ = _attention_inputs(case)
     unmasked = torch.ones(1, SEQ_LEN, dtype=torch.bool)
     module.valid_attention(q, k, k, unmasked, mask, 0.1, return_output=True, return_lse=True)
 
 
-def _call_influence(module, dtype, head_dim, key_mask):
-    q, k, mask, lse = _attention_inputs(dtype, head_dim, key_mask)
+def _call_influence(module, case):
+    q, k, mask, lse = _attention_inputs(case)
     module.influence_sum(q, k, lse, mask, None, 0.1)
 
 
-def _call_response_block(module, dtype, head_dim, key_mask):
-    q, k, mask, lse = _attention_inputs(dtype, head_dim, key_mask)
+def _call_response_block(module, case):
+    q, k, mask, lse = _attention_inputs(case)
     module.response_block(q, k, lse, SEQ_LEN // 2, mask, 1, 0.1)
 
 
-def _call_greedy_order(module, dtype, head_dim, key_mask):
+def _call_greedy_order(module, case):
     R = SEQ_LEN // 2
     module.greedy_order(torch.zeros(1, R, R), torch.zeros(1, R), torch.ones(1, R, dtype=torch.bool), 1, None, "global")
 
@@ -168,7 +171,7 @@ def _call_greedy_order(module, dtype, head_dim, key_mask):
 @dataclass(frozen=True)
 class KernelSpec:
     module: str
-    call: object  # (module, dtype, head_dim, key_mask) -> None; launches the kernel once
+    call: object  # (module, case) -> None; launches the kernel once
     marker: str  # opcode prefix that marks the hot loop
     tuned: bool = True  # has a _GPU_CONFIGS list, launched through _common.launch
 
@@ -187,7 +190,7 @@ def _module(kernel):
     return importlib.import_module(KERNELS[kernel].module)
 
 
-def cases(*, arches, dtypes, head_dims, kernels, all_configs, floors, max_registers) -> list[Case]:
+def cases(*, arches, dtypes, head_dims, kernels, all_configs, floors, max_registers, kv_heads=KV_HEADS) -> list[Case]:
     """Every (kernel, arch, dtype, head dim, key mask, config) to compile; fp32 only with its pinned tile.
     ``floors``: valid_attention's cases also without S."""
     from agdo_kernels.triton._common import pinned_config
@@ -208,7 +211,7 @@ def cases(*, arches, dtypes, head_dims, kernels, all_configs, floors, max_regist
                         for key_mask in (False, True):
                             for floor in (False, True) if floors and kernel == "valid_attention" else (False,):
                                 found.append(Case(kernel, arch, dtype, head_dim, key_mask, tuple(config),
-                                                  config == pinned, floor, max_registers))  # fmt: skip
+                                                  config == pinned, floor, max_registers, kv_heads))  # fmt: skip
     return found
 
 
@@ -231,7 +234,7 @@ def _launch_arguments(case: Case):
             before.enter_context(mock.patch.object(module, name, stand_in_for))
     try:
         with stand_in, before:
-            spec.call(module, DTYPES[case.dtype], case.head_dim, case.key_mask)
+            spec.call(module, case)
     except LaunchCaptured as launched:
         kernel, args, kwargs = launched.kernel, launched.args, dict(launched.kwargs)
     else:
@@ -426,6 +429,8 @@ def render_table(results: list[Result]) -> str:
             config = ", ".join(map(str, c.config)) + (" (pinned)" if c.pinned else "") if c.config else "launcher's"
             if c.max_registers:
                 config += f", ≤ {c.max_registers} regs"
+            if c.kv_heads != KV_HEADS and c.config:
+                name += f" ({HEADS} heads, {c.kv_heads} KV)"
             spills = f"**{r.spill_store_bytes}/{r.spill_load_bytes}**" if r.spills else "0/0"
             shared = f"{r.shared_bytes / 1024:.0f}" + (" (over)" if r.shared_bytes > SHARED_LIMIT[arch] else "")
             loop = str(r.loop_instructions) if r.loop_instructions else "no loop"
@@ -462,6 +467,8 @@ def _parse_args():
     parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--all-configs", action="store_true", help="every config of _GPU_CONFIGS, not only the pinned")
     parser.add_argument("--no-floor", action="store_true", help="skip valid_attention's FlashAttention floor")
+    parser.add_argument("--kv-heads", type=int, default=KV_HEADS, choices=(1, 2, 4, HEADS),
+                        help=f"key/value heads of the {HEADS} query heads ({HEADS}: no GQA)")
     parser.add_argument("--max-registers", type=int, help="cap ptxas' registers per thread (forces spills)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiles in parallel")
     parser.add_argument("--out", help="write the Markdown table to this file")
@@ -485,7 +492,8 @@ def main():
         os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
     args = _parse_args()
     todo = cases(arches=args.arch, dtypes=args.dtype, head_dims=args.head_dim, kernels=args.kernel,
-                 all_configs=args.all_configs, floors=not args.no_floor, max_registers=args.max_registers)  # fmt: skip
+                 all_configs=args.all_configs, floors=not args.no_floor, max_registers=args.max_registers,
+                 kv_heads=args.kv_heads)  # fmt: skip
     results = []
     # Every compile is forced (a cache hit has no ptxas report): keep their files out of Triton's cache.
     with tempfile.TemporaryDirectory() as cache:

@@ -3,8 +3,9 @@ the response keys, recomputed tile by tile from the rows' ``lse``.
 
 One program per (block of ``BLOCK_M`` response rows, block of ``BLOCK_N`` response keys, batch) sums
 ``p = exp2(q.k * qk_scale - lse2)`` over all ``H`` heads in an fp32 register tile, loading each KV
-head's key tile once for the ``g`` query heads of its group, and writes its tile of the output once:
-memory ``O(B * R^2)``, deterministic. Row ``i`` reads query row ``P + i - shift`` (its predictor).
+head's key tile once for the ``g`` query heads of its group (the loop over those heads is software
+pipelined; without GQA, one pipelined loop over the heads prefetches query and key tiles alike), and
+writes its tile of the output once: memory ``O(B * R^2)``, deterministic. Row ``i`` reads query row ``P + i - shift`` (its predictor).
 """
 
 from __future__ import annotations
@@ -37,7 +38,17 @@ _GPU_CONFIGS = [
 ]
 
 
-@triton.autotune(configs=tuning_configs(_GPU_CONFIGS), key=["R_BUCKET", "HEAD_DIM", "HAS_KEY_MASK"])
+@triton.jit
+def _add_head(total, q_rows, lse2_rows, k, h, offs_i, offs_d, R, N, stride_qh, stride_qn, stride_qd, qk_scale,
+              DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """``total + p`` of query head ``h`` on the key tile ``k``, from the rows' base-2 lse."""
+    q = load_tile(q_rows + h * stride_qh, offs_i, R, stride_qn, offs_d, stride_qd, True)
+    lse2 = tl.load(lse2_rows + h * N + offs_i, mask=offs_i < R, other=float("inf"))
+    logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    return total + tl.math.exp2(logits * qk_scale - lse2[:, None])
+
+
+@triton.autotune(configs=tuning_configs(_GPU_CONFIGS), key=["R_BUCKET", "HEAD_DIM", "HAS_KEY_MASK", "ONE_HEAD_PER_KV"])
 @triton.jit
 def _response_block_kernel(
     q_ptr,
@@ -64,6 +75,7 @@ def _response_block_kernel(
     first_key,
     first_row,
     qk_scale,
+    ONE_HEAD_PER_KV: tl.constexpr,  # GROUP == 1: the single pipelined loop over heads
     HEAD_DIM: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -80,13 +92,20 @@ def _response_block_kernel(
     lse2_rows = lse2_ptr + b * H * N + first_row
 
     total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kv in range(0, H // GROUP):
-        k = load_tile(k_rows + kv * stride_kh, offs_j, R, stride_kn, offs_d, stride_kd, True)
-        for h in range(kv * GROUP, (kv + 1) * GROUP):
-            q = load_tile(q_rows + h * stride_qh, offs_i, R, stride_qn, offs_d, stride_qd, True)
-            lse2 = tl.load(lse2_rows + h * N + offs_i, mask=rows_inside, other=float("inf"))
-            logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            total += tl.math.exp2(logits * qk_scale - lse2[:, None])
+    if ONE_HEAD_PER_KV:
+        # One query head per key head (LLaDA): a single loop over heads, so the software pipeliner prefetches
+        # the next head's query and key tiles while this one computes.
+        for h in range(0, H):
+            k = load_tile(k_rows + h * stride_kh, offs_j, R, stride_kn, offs_d, stride_kd, True)
+            total = _add_head(total, q_rows, lse2_rows, k, h, offs_i, offs_d, R, N, stride_qh, stride_qn, stride_qd,
+                              qk_scale, DOT_PRECISION)  # fmt: skip
+    else:
+        # GQA: each key tile loaded once for the GROUP query heads of its group (their loop is pipelined).
+        for kv in range(0, H // GROUP):
+            k = load_tile(k_rows + kv * stride_kh, offs_j, R, stride_kn, offs_d, stride_kd, True)
+            for h in range(kv * GROUP, (kv + 1) * GROUP):
+                total = _add_head(total, q_rows, lse2_rows, k, h, offs_i, offs_d, R, N, stride_qh, stride_qn,
+                                  stride_qd, qk_scale, DOT_PRECISION)  # fmt: skip
     # With the rows' lse given, padded keys do not change the other keys' p: zero them once here.
     keys = real_keys(key_mask_ptr + b * N + first_key, offs_j, R, HAS_KEY_MASK)
     abar = tl.where(keys[None, :], total / H, 0.0)
@@ -117,7 +136,7 @@ def response_block(q, k, lse, response_start, attention_mask, shift, scale):
         q, k, lse_log2(lse), key_mask if key_mask is not None else columns, columns, *abar.stride(),
         *q.stride(), *k.stride(),
         H, H // Hkv, N, R, tuning_bucket(R), response_start, response_start - int(shift), scale * LOG2E,
-        HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
+        ONE_HEAD_PER_KV=H == Hkv, HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
         gpu_configs=_GPU_CONFIGS, dtype=q.dtype, head_dim=d, device=q.device,
     )  # fmt: skip
     return abar
