@@ -1,6 +1,7 @@
 """S (+O) and I side by side with what a user would otherwise run.
 
-Groups (one per op and shape), each with its baseline:
+Groups (one per op, shape and, for ``valid_attention``, pattern of ``U``: see ``_inputs``), each with its
+baseline:
 - ``valid_attention``: the SDPA forward alone (flash backend on GPU) is the time baseline; beside it
   (a) eager attention that materialises P and reduces it (what ``output_attentions=True`` costs),
   (b) stock SDPA with the mask appended to V as an extra column (S per head from any fused kernel),
@@ -29,17 +30,29 @@ ON_GPU = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 MODELS = {"dream": (28, 4, 128), "llada": (32, 32, 128)}
 SIZES = [(b, n) for b in (1, 8) for n in (512, 1024, 2048, 4096, 8192)] if ON_GPU else [(1, 128), (1, 256)]
+# The kernels whose time depends on U (the baseline is timed beside them); random U at these lengths only.
+U_SENSITIVE = ("sdpa_forward", "triton", "cuda")
+RANDOM_U_LENGTHS = (1024, 4096) if ON_GPU else (128,)
 # Eager materialises B*H*N*N probabilities (fp32 softmax + bf16 copy); skip it where that cannot fit.
 EAGER_BUDGET_BYTES = 40 * 2**30 if ON_GPU else 2 * 2**30
 
 
-def _inputs(model, B, N):
+def _inputs(model, B, N, u_pattern="decoding"):
+    """Random q/k/v and ``U``: ``decoding`` as semi-AR decoding leaves it (the first half — prompt and
+    decoded blocks — in U, half of the current 32-token block, nothing after: whole key blocks are all in or
+    all out, which the Triton kernel skips the per-key work for), ``random`` half of all keys (every key
+    block mixed: its slowest path)."""
     H, Hkv, d = MODELS[model]
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     q = torch.randn(B, H, N, d, device=DEVICE, dtype=DTYPE, generator=gen)
     k = torch.randn(B, Hkv, N, d, device=DEVICE, dtype=DTYPE, generator=gen)
     v = torch.randn(B, Hkv, N, d, device=DEVICE, dtype=DTYPE, generator=gen)
     unmasked = torch.rand(B, N, device=DEVICE, generator=gen) < 0.5
+    if u_pattern == "decoding":
+        block = unmasked[:, N // 2 : N // 2 + 32].clone()
+        unmasked.zero_()
+        unmasked[:, : N // 2] = True
+        unmasked[:, N // 2 : N // 2 + 32] = block
     return q, k, v, unmasked
 
 
@@ -108,12 +121,15 @@ def _eager_fits(model, B, N):
     return B * H * N * N * 6 <= EAGER_BUDGET_BYTES
 
 
+@pytest.mark.parametrize("u_pattern", ["decoding", "random"])
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("B,N", SIZES)
 @pytest.mark.parametrize("impl", ["sdpa_forward", "flash_attn", "eager", "sdpa_mask_column", "torch_reference", "triton",
                                   "cuda"])
-def test_valid_attention(measure, model, B, N, impl):
-    q, k, v, unmasked = _inputs(model, B, N)
+def test_valid_attention(measure, model, B, N, impl, u_pattern):
+    if u_pattern == "random" and (impl not in U_SENSITIVE or N not in RANDOM_U_LENGTHS):
+        pytest.skip("U only changes the fused kernels' time: random U is timed for them (and SDPA) at two lengths")
+    q, k, v, unmasked = _inputs(model, B, N, u_pattern)
     flash = _flash_attn_func() if impl == "flash_attn" and ON_GPU else None
     if impl == "flash_attn" and flash is None:
         pytest.skip("flash-attn is not installed (pip install agdo[flash]) or there is no GPU")
@@ -129,7 +145,7 @@ def test_valid_attention(measure, model, B, N, impl):
     _skip_unavailable(impl, "valid_attention")
     if impl == "eager" and not _eager_fits(model, B, N):
         pytest.skip("eager attention probabilities would not fit in memory")
-    measure(fns[impl], group=f"valid_attention S+O {model} B={B} N={N} {DTYPE}", impl=impl,
+    measure(fns[impl], group=f"valid_attention S+O {model} B={B} N={N} U={u_pattern} {DTYPE}", impl=impl,
             baseline=impl == "sdpa_forward", model=model, B=B, N=N)
 
 
