@@ -103,11 +103,12 @@ def _attend_key_block(
             # A whole block with every key in U (the prompt, decoded blocks) or none (the masked suffix) adds
             # the row sum it already has, or nothing; only blocks that mix both multiply p by U key by key.
             in_u_count = tl.load(unmasked_count_row + start_n + BLOCK_N) - tl.load(unmasked_count_row + start_n)
-            if (in_u_count == 0) | (in_u_count == BLOCK_N):
-                unmasked_sum = unmasked_sum * alpha + tl.where(in_u_count == 0, 0.0, tile_sum)
-            else:
+            unmasked_sum = unmasked_sum * alpha
+            if (in_u_count > 0) & (in_u_count < BLOCK_N):
                 in_u = tl.load(unmasked_row + offs_n)  # U as float32: no per-element conversion
-                unmasked_sum = unmasked_sum * alpha + tl.sum(p * in_u[None, :], 1)
+                unmasked_sum += tl.sum(p * in_u[None, :], 1)
+            elif in_u_count == BLOCK_N:
+                unmasked_sum += tile_sum
     if RETURN_OUTPUT:
         v = load_tile(v_base, offs_n, N, stride_vn, tl.arange(0, DV), stride_vd, BOUNDARY)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
