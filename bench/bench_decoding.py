@@ -4,8 +4,10 @@ Every case decodes the same prompts (64 tokens; in batches, row 0 left-padded) w
 linear schedule of 4 steps per block (8 tokens per step) and no EOS rule, so the arms of a group run the
 same number of forward passes; only the cost of a pass differs: the whole sequence (``none``, and the
 first step of every block with a cache), the block and what follows it (``prefix``), or the block alone
-(``dual``), or the block and the next block (``prefix+32``: ``cache_lookahead=32``). Groups are one response length and batch ("one" sequence, "many" = 4); the baseline is
-``none`` with Max-Prob. The note gives tokens/s (batch x response length / median time) and ms per sequence.
+(``dual``), or the block and the next block (``prefix+32``: ``cache_lookahead=32``). Groups are one
+response length and batch ("one" sequence, "many" = 4); the baseline is ``none`` with Max-Prob. The note
+gives tokens/s (batch x response length / median time), ms per sequence and the positions the model
+computed per sequence (summed over its calls, counted by a hook): what a cache saves, whatever the device.
 
 - CPU (every run): a tiny randomly initialised bidirectional Llama (hidden 64, 2 layers), float32.
 - GPU (skipped without CUDA): a Dream-shaped random-init Qwen2 in bf16 (hidden 3584, 28 heads / 4 KV
@@ -41,9 +43,10 @@ def _cases(one_lengths, many_lengths, max_s_one):
     return cases
 
 
-# CI runs the CPU cases once each (--benchmark-disable), hence 256 tokens only (the whole file: 37 s on 2
-# shared cores, OMP_NUM_THREADS=1).
-CPU_CASES = _cases(one_lengths=(256,), many_lengths=(256,), max_s_one=())
+# CI runs the CPU cases once each (--benchmark-disable): 256 tokens, and 1,024 for one sequence with Max-Prob so
+# that the positions each cache computes at the GPU target's length are counted every run (timed, the whole
+# file: 65 s on 2 cores, OMP_NUM_THREADS=1).
+CPU_CASES = _cases(one_lengths=(256, 1024), many_lengths=(256,), max_s_one=())
 # 4 decodes per case (warm-up, peak memory, warm-up round, timed round); sized from ~61 ms per uncached step
 # of the 28-layer model at B=4, 512 tokens on an H200 to ~90 s in all (not yet measured).
 GPU_CASES = _cases(one_lengths=(256, 512, 1024), many_lengths=(256,), max_s_one=(1024,))
@@ -108,18 +111,29 @@ def _decode(measure, model_and_prompts, case, device: str, rounds: int):
     config = SamplerConfig(gen_length=gen_length, steps=STEPS_PER_BLOCK * gen_length // BLOCK, block_length=BLOCK,
                            alg=alg, cache=mode, cache_lookahead=int(lookahead) if lookahead else None,
                            stop_at_eos=False)
-    seconds = []
+    seconds, forwarded = [], []
+
+    def count_positions(module, args, kwargs):  # every model call, cached or not: the positions it computes
+        ids_in = kwargs.get("input_ids", args[0] if args else None)
+        shape = ids_in.shape if ids_in is not None else kwargs["inputs_embeds"].shape[:2]
+        forwarded[-1] += shape[0] * shape[1]
 
     def decode():
+        forwarded.append(0)
+        hook = adapter.model.register_forward_pre_hook(count_positions, with_kwargs=True)
         start = time.perf_counter()
-        generate(adapter, ids, mask, config)
-        if ids.is_cuda:
-            torch.cuda.synchronize()
+        try:
+            generate(adapter, ids, mask, config)
+            if ids.is_cuda:
+                torch.cuda.synchronize()
+        finally:
+            hook.remove()
         seconds.append(time.perf_counter() - start)
 
     def note():
         median = statistics.median(seconds[-rounds:])  # the timed rounds come last
-        return f"{batch * gen_length / median:,.0f} tok/s, {1e3 * median / batch:,.0f} ms/seq"
+        return (f"{batch * gen_length / median:,.0f} tok/s, {1e3 * median / batch:,.0f} ms/seq, "
+                f"{forwarded[-1] / batch:,.0f} positions computed/seq")
 
     label = "one" if batch == 1 else f"many (B={batch})"
     measure(decode, group=f"decode {device} R={gen_length} {label} P={PROMPT_LENGTH} block={BLOCK} "
