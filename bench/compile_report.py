@@ -101,12 +101,13 @@ class LaunchCaptured(Exception):
         self.kernel, self.args, self.kwargs = kernel, args, kwargs
 
 
-def _clean_flags(B, *tensors, device):
-    return torch.zeros(B, dtype=torch.int32, device=device)
+def _clean_flags(B, *tensors, device, flags=None):
+    return torch.zeros(B, dtype=torch.int32, device=device) if flags is None else flags.zero_()
 
 
-def _key_rows(unmasked, attention_mask):
+def _key_rows(unmasked, attention_mask, flags):
     B, N = unmasked.shape
+    flags.zero_()
     stride = (N + 15) // 16 * 16
     u = torch.zeros(B, stride)[:, :N]
     count = torch.zeros(B, stride + 1, dtype=torch.int32)[:, : N + 1]

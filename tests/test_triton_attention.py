@@ -301,7 +301,7 @@ def test_strided_inputs_match_contiguous():
 def test_key_rows_bias_extents_and_running_count(with_mask):
     """The launcher's one-launch per-key rows: U as float32, the running count of U keys before each position,
     and with a mask the additive bias and [first real key, last real key + 1) per row (holes inside the
-    extent stay in the bias; a row without real keys gets an empty extent)."""
+    extent stay in the bias; a row without real keys gets an empty extent); the non-finite flags zeroed."""
     from agdo_kernels.triton.valid_attention import key_rows
 
     gen = torch.Generator().manual_seed(5)
@@ -313,7 +313,9 @@ def test_key_rows_bias_extents_and_running_count(with_mask):
     unmasked = torch.rand(5, 1500, generator=gen) < 0.4
     unmasked[0] = True
     unmasked[1, 300:1200] = False
-    u, count, bias, extent = key_rows(unmasked.to(DEVICE), mask.to(DEVICE) if with_mask else None)
+    flags = torch.full((5,), 7, dtype=torch.int32, device=DEVICE)
+    u, count, bias, extent = key_rows(unmasked.to(DEVICE), mask.to(DEVICE) if with_mask else None, flags)
+    assert torch.equal(flags.cpu(), torch.zeros(5, dtype=torch.int32))  # the non-finite flags, zeroed
     assert torch.equal(u.cpu(), unmasked.float())
     expected_count = torch.cat([torch.zeros(5, 1, dtype=torch.int64), unmasked.long().cumsum(1)], 1)
     assert count.dtype == torch.int32 and torch.equal(count.cpu().long(), expected_count)

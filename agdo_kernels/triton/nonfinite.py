@@ -11,7 +11,8 @@ or whose statistics overflow, is NaN in every output of that row. Here it runs o
    and writes NaN over every output of a flagged row; a clean row costs it one flag load.
 
 Per call on an H200 this replaced ~30 small launches (aminmax per tensor, casts, stack, masked_fill per
-output: ~0.4 ms of host time, bench/RESULTS.md) with these three and a memset.
+output: ~0.4 ms of host time, bench/RESULTS.md) with these three and a memset (``valid_attention`` zeroes
+its flags in the launch that prepares its per-key rows instead).
 """
 
 from __future__ import annotations
@@ -89,13 +90,16 @@ def _scan_arguments(t: torch.Tensor | None):
     return (t, Y, X * Y, Z, *t.stride(), triton.cdiv(X * Y, block_r)), (block_r, block_z)
 
 
-def flag_nonfinite_rows(B: int, *tensors, device: torch.device) -> torch.Tensor:
+def flag_nonfinite_rows(B: int, *tensors, device: torch.device,
+                        flags: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """int32 ``(B,)`` flags, nonzero where any of ``tensors`` (leading dim ``B``; ``None`` skipped; any
-    strides) holds a NaN or an infinity in that batch row. At most three tensors, one launch."""
+    strides) holds a NaN or an infinity in that batch row. At most three tensors, one launch. ``flags``: zeroed
+    flags to raise (a launch before this one zeroed them; saves the memset), else new ones."""
     present = [t for t in tensors if t is not None and t.numel()]
     if len(present) > _MAX_SCANNED:
         raise ValueError(f"flag_nonfinite_rows scans at most {_MAX_SCANNED} tensors, got {len(present)}")
-    flags = torch.zeros(B, dtype=torch.int32, device=device)
+    if flags is None:
+        flags = torch.zeros(B, dtype=torch.int32, device=device)
     if not present:
         return flags
     args, blocks = zip(*(_scan_arguments(t) for t in present + [None] * (_MAX_SCANNED - len(present))))

@@ -178,7 +178,7 @@ def _valid_attention_kernel(
     v_base = v_ptr + b * stride_vb + kv * stride_vh
     key_bias_row = key_bias_ptr + b * KEY_ROW_STRIDE
     unmasked_row = unmasked_ptr + b * KEY_ROW_STRIDE
-    unmasked_count_row = unmasked_count_ptr + b * (KEY_ROW_STRIDE + 1)
+    unmasked_count_row = unmasked_count_ptr + b * (KEY_ROW_STRIDE + 1)  # N + 1 counts per row (key_rows)
 
     acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -233,12 +233,13 @@ def _valid_attention_kernel(
 
 
 @triton.jit
-def _key_rows_kernel(unmasked_ptr, mask_ptr, u_ptr, count_ptr, bias_ptr, extent_ptr, N, ROW_STRIDE,
-                     HAS_KEY_MASK: tl.constexpr, BLOCK: tl.constexpr):
+def _key_rows_kernel(unmasked_ptr, mask_ptr, u_ptr, count_ptr, bias_ptr, extent_ptr, flags_ptr, N, ROW_STRIDE,
+                     HAS_KEY_MASK: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Row ``b`` of the per-key inputs: ``U`` as float32, the running count of ``U`` keys before each position
     (``N + 1`` entries, so a key block's count is two loads), and with a mask the additive bias (0 real, -inf
-    padding) and ``[first real key, last real key + 1)``."""
+    padding) and ``[first real key, last real key + 1)``; the row's non-finite flag zeroed."""
     b = tl.program_id(0).to(tl.int64)
+    tl.store(flags_ptr + b, 0)
     in_u_before = 0
     first = tl.full([BLOCK], N, tl.int32)
     last = tl.full([BLOCK], -1, tl.int32)
@@ -261,10 +262,11 @@ def _key_rows_kernel(unmasked_ptr, mask_ptr, u_ptr, count_ptr, bias_ptr, extent_
         tl.store(extent_ptr + 2 * b + 1, tl.max(last) + 1)  # 0 for a row without real keys: no block visited
 
 
-def key_rows(unmasked: torch.Tensor, attention_mask: torch.Tensor | None):
+def key_rows(unmasked: torch.Tensor, attention_mask: torch.Tensor | None, flags: torch.Tensor):
     """The per-key rows the kernel reads, from one launch: ``U`` as float32 ``(B, N)``, the running count of
     ``U`` keys ``(B, N + 1)`` int32, and (``None`` without a mask) the key bias ``(B, N)`` float32 and the real-key
-    extent ``(B, 2)`` int32. The float rows are 16 elements apart, so pairs of keys load as one 64-bit load."""
+    extent ``(B, 2)`` int32. The float rows are 16 elements apart, so pairs of keys load as one 64-bit load.
+    The same launch zeroes the int32 non-finite ``flags (B,)`` (no memset of their own)."""
     B, N = unmasked.shape
     device = unmasked.device
     row_stride = triton.cdiv(N, 16) * 16
@@ -278,7 +280,7 @@ def key_rows(unmasked: torch.Tensor, attention_mask: torch.Tensor | None):
         _key_rows_kernel[(B,)](
             unmasked.contiguous().view(torch.uint8),
             u if attention_mask is None else attention_mask.contiguous().view(torch.uint8),
-            u, count, u if bias is None else bias, count if extent is None else extent, N, row_stride,
+            u, count, u if bias is None else bias, count if extent is None else extent, flags, N, row_stride,
             HAS_KEY_MASK=attention_mask is not None, BLOCK=min(1024, triton.next_power_of_2(max(N, 1))),
         )  # fmt: skip
     return u, count, bias, extent
@@ -294,14 +296,16 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
     if B * H * Nq == 0:
         return empty_valid_attention(q, dv, return_output, return_lse)
 
-    # The non-finite row rule (agdo_kernels docstring) is applied here: inputs scanned first, the kernel
-    # flags overflowing statistics, finish_rows poisons flagged rows while it averages S over heads.
-    flags = flag_nonfinite_rows(B, q, k, v, device=device)
+    # The non-finite row rule (agdo_kernels docstring) is applied here: inputs scanned first (key_rows zeroes
+    # the flags), the kernel flags overflowing statistics, finish_rows poisons flagged rows while it averages
+    # S over heads.
+    flags = torch.empty(B, dtype=torch.int32, device=device)
+    u, u_count, key_bias, key_extent = key_rows(unmasked, attention_mask, flags)
+    flag_nonfinite_rows(B, q, k, v, device=device, flags=flags)
     # The kernel writes every element of these (each row once, masked only past Nq).
     s_part = torch.empty(B, H, Nq, dtype=torch.float32, device=device)
     out = torch.empty(B, H, Nq, dv, dtype=q.dtype, device=device) if return_output else None
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
-    u, u_count, key_bias, key_extent = key_rows(unmasked, attention_mask)
     v_arg = v if return_output else k  # unused stand-ins keep the signature fixed
     out_arg = out if return_output else s_part
 
