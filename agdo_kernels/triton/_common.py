@@ -56,7 +56,8 @@ def tuning_configs(gpu_configs):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs]
 
 
-def pinned_config(gpu_configs, dtype: torch.dtype, head_dim: int, arch: int = 90, sm80_fp32_config=None) -> tuple:
+def pinned_config(gpu_configs, dtype: torch.dtype, head_dim: int, arch: int = 90,
+                  sm80_fp32_config=None) -> tuple:  # fmt: skip
     """The config pinned for a launch: the list's first (preferred) tile for fp16/bf16 up to head dim 128,
     the smallest tile for fp32 and head dim 256, the interpreter's tile under the interpreter. fp32's tf32x3
     dots hold three times the operands, where big tiles spill registers; before sm_90 (``arch`` 80, 86, 89:

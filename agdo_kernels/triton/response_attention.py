@@ -5,7 +5,8 @@ One program per (block of ``BLOCK_M`` response rows, block of ``BLOCK_N`` respon
 ``p = exp2(q.k * qk_scale - lse2)`` over all ``H`` heads in an fp32 register tile, loading each KV
 head's key tile once for the ``g`` query heads of its group (the loop over those heads is software
 pipelined; without GQA, one pipelined loop over the heads prefetches query and key tiles alike), and
-writes its tile of the output once: memory ``O(B * R^2)``, deterministic. Row ``i`` reads query row ``P + i - shift`` (its predictor).
+writes its tile of the output once: memory ``O(B * R^2)``, deterministic. Row ``i`` reads query row
+``P + i - shift`` (its predictor).
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def _add_head(total, q_rows, lse2_rows, k, h, offs_i, offs_d, R, N, stride_qh, s
     return total + tl.math.exp2(logits * qk_scale - lse2[:, None])
 
 
-@triton.autotune(configs=tuning_configs(_GPU_CONFIGS), key=["R_BUCKET", "HEAD_DIM", "HAS_KEY_MASK", "ONE_HEAD_PER_KV"])
+@triton.autotune(
+    configs=tuning_configs(_GPU_CONFIGS), key=["R_BUCKET", "HEAD_DIM", "HAS_KEY_MASK", "ONE_HEAD_PER_KV"]
+)
 @triton.jit
 def _response_block_kernel(
     q_ptr,
@@ -136,7 +139,8 @@ def response_block(q, k, lse, response_start, attention_mask, shift, scale):
         q, k, lse_log2(lse), key_mask if key_mask is not None else columns, columns, *abar.stride(),
         *q.stride(), *k.stride(),
         H, H // Hkv, N, R, tuning_bucket(R), response_start, response_start - int(shift), scale * LOG2E,
-        ONE_HEAD_PER_KV=H == Hkv, HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
+        ONE_HEAD_PER_KV=H == Hkv, HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None,
+        DOT_PRECISION=dot_precision(q.dtype),
         gpu_configs=_GPU_CONFIGS, dtype=q.dtype, head_dim=d, device=q.device,
     )  # fmt: skip
     return abar
