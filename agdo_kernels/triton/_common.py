@@ -94,7 +94,8 @@ def launch(kernel, grid, *args, gpu_configs, dtype: torch.dtype, head_dim: int, 
     """
     with device_guard(device):
         if deterministic() or dtype == torch.float32 or head_dim > 128 or triton_interpreted():
-            m, n, w, s = pinned_config(gpu_configs, dtype, head_dim, _arch(device), sm80_fp32_config)
+            arch = _arch(device) if dtype == torch.float32 else 90  # only fp32's tile depends on it
+            m, n, w, s = pinned_config(gpu_configs, dtype, head_dim, arch, sm80_fp32_config)
             kernel.fn[grid](*args, **constexprs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s,
                             enable_fp_fusion=FP_FUSION)
         else:
