@@ -113,7 +113,8 @@ def attention_order(
     """AGDO's order (§5.1, Alg. 1): one no-grad forward of the current model over the clean sequence.
 
     The chosen layer's (default: the last, as in the paper) attention averaged over the chosen heads
-    (default: all) gives ``S0`` (mass on the prompt) and ``Abar_RR``; the greedy starts with ``U`` = the
+    (default: all) gives ``S0`` (mass on the prompt) and ``Abar_RR`` (the forward stops there: nothing
+    after that layer's statistics runs); the greedy starts with ``U`` = the
     prompt and adds the ``step_size`` tokens with the largest valid attention each round. The same forward
     returns the influence ``I`` (Eq. 8) over all real query rows, from the same layer and heads.
     """
@@ -125,6 +126,7 @@ def attention_order(
         influence_norm=influence_norm,
         attention_layer=attention_layer,
         attention_heads=attention_heads,
+        return_logits=False,  # the forward stops at the chosen layer: its logits would be dropped here
     )
     steps = agdo_kernels.greedy_order(
         out.abar_rr, out.s0, valid=trained, step_size=step_size, block_size=block_size, block_mode=block_mode
@@ -146,4 +148,5 @@ def attention_influence(
         influence_norm=influence_norm,
         attention_layer=attention_layer,
         attention_heads=attention_heads,
+        return_logits=False,
     ).influence

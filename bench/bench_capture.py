@@ -13,6 +13,12 @@ Padded batches (``test_padded_batch``; half the rows left-padded by 25% / 50%): 
 CUDA only) — for a forward (``logits``), a forward with ``S`` (``capture``) and a forward + backward
 (``train``).
 
+Order build (``test_order_build``): the forward AGDO's order takes (``response_start`` + the influence over
+every real row), ``whole`` (the model runs to its logits, then they are dropped: the baseline) against
+``statistics_only`` (``return_logits=False``: the forward stops after the last layer's statistics, so that
+layer's own attention, its MLP, the final norm and the LM head never run). What it saves is one layer's
+attention and MLP plus the LM head: with this bench's 4 layers a larger share than in 28-layer Dream.
+
 Time and peak memory come from the ``measure`` fixture (bench/conftest.py). Cases: a tiny model on
 CPU, and on a GPU (skipped without one) a Dream-shaped bf16 model: the real last-layer shape (H=28,
 Hkv=4, d=128, hidden 3584, vocab 152064) with few layers, so that random init is quick. Capture costs
@@ -164,6 +170,28 @@ def test_capture_overhead(measure, case_name, variant):
     step = make_step(adapter, variant, case)
     with torch.no_grad():
         measure(step, group=f"capture: {case_name}", impl=variant, baseline=variant == "sdpa",
+                rounds=5 if case["device"] == "cpu" else 10, kernel_backend=adapter.kernel_backend,
+                layers=case["layers"], shape=shape_of(case))
+
+
+@pytest.mark.parametrize("variant", ["whole", "statistics_only"])
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_order_build(measure, case_name, variant):
+    case = CASES[case_name]
+    adapter = case_adapter(case_name)
+    gen = torch.Generator().manual_seed(0)
+    B, N = case["batch"], case["length"]
+    input_ids = torch.randint(1, case["vocab"] - 1, (B, N), generator=gen).to(case["device"])
+    attention_mask = torch.ones(B, N, dtype=torch.bool, device=case["device"])
+    attention_mask[0, : N // 8] = False
+
+    def step():
+        out = adapter.forward(input_ids, attention_mask, response_start=N // 4, influence_query_mask=attention_mask,
+                              return_logits=variant == "whole")
+        return out.abar_rr, out.influence
+
+    with torch.no_grad():
+        measure(step, group=f"order build: {case_name}", impl=variant, baseline=variant == "whole",
                 rounds=5 if case["device"] == "cpu" else 10, kernel_backend=adapter.kernel_backend,
                 layers=case["layers"], shape=shape_of(case))
 

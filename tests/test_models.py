@@ -375,6 +375,76 @@ def test_hooks_are_removed_even_when_the_capture_fails(adapters, case):
     assert torch.nn.functional.scaled_dot_product_attention is sdpa
 
 
+@pytest.mark.parametrize("case", FAMILY_CASES)
+@pytest.mark.parametrize("layer", ["last", "first"])
+@torch.no_grad()
+def test_statistics_only_forward_stops_at_the_chosen_layer(adapters, case, layer):
+    """``return_logits=False`` (the order build): the same statistics bit for bit, no logits, and nothing after
+    the chosen layer's statistics runs (not the last layer's attention when the first is chosen, never the LM
+    head); the hooks are gone afterwards as after a whole forward."""
+    adapter = adapters[case]
+    input_ids, attention_mask, unmasked, queries = batch(seed=2)
+    request = dict(unmasked=unmasked, response_start=P, influence_query_mask=queries, attention_layer=layer)
+    last_attention = adapter._layer_target(adapter.num_layers - 1)
+    calls = {"lm_head": 0, "last attention": 0}
+
+    def counter(name):
+        def count(*_):
+            calls[name] += 1
+
+        return count
+
+    hooks = [adapter.model.get_output_embeddings().register_forward_pre_hook(counter("lm_head")),
+             last_attention.register_forward_pre_hook(counter("last attention"))]
+    before = dict(vars(adapter._target)), torch.nn.functional.scaled_dot_product_attention
+    try:
+        whole = adapter.forward(input_ids, attention_mask, **request)
+        assert calls == {"lm_head": 1, "last attention": 1}
+        stopped = adapter.forward(input_ids, attention_mask, return_logits=False, **request)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"lm_head": 1, "last attention": 1 if layer == "first" else 2}
+    assert stopped.logits is None and whole.logits is not None
+    for name in ("s", "s0", "abar_rr", "influence"):
+        assert torch.equal(getattr(stopped, name), getattr(whole, name)), name
+    assert (dict(vars(adapter._target)), torch.nn.functional.scaled_dot_product_attention) == before
+
+
+@torch.no_grad()
+def test_statistics_only_forward_runs_whole_where_it_must(adapters, monkeypatch):
+    """A sharded model (FSDP / ZeRO-3 hooks must see the forward end) or a caller's wrapper runs the whole
+    forward and drops the logits; asking for neither logits nor a statistic is an error."""
+    import agdo.models.adapter as adapter_module
+
+    adapter = adapters["llama_mha"]
+    input_ids, attention_mask, unmasked, _ = batch()
+    calls = []
+    hook = adapter.model.get_output_embeddings().register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        adapter.forward(input_ids, attention_mask, unmasked=unmasked, return_logits=False)
+        assert calls == []
+        out = adapter.forward(input_ids, attention_mask, unmasked=unmasked, return_logits=False, model=adapter.model)
+        assert calls == [1] and out.logits is None and out.s is not None
+        monkeypatch.setattr(adapter_module, "_sharded", lambda model: True)
+        out = adapter.forward(input_ids, attention_mask, unmasked=unmasked, return_logits=False)
+        assert calls == [1, 1] and out.logits is None and out.s is not None
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="return_logits=False needs a statistic"):
+        adapter.forward(input_ids, attention_mask, return_logits=False)
+
+
+def test_sharding_is_detected():
+    """``_sharded``: DeepSpeed ZeRO-3 marks its parameters with ``ds_id``; a plain model is not sharded."""
+    from agdo.models.adapter import _sharded
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    assert not _sharded(model)
+    model[1].weight.ds_id = 7
+    assert _sharded(model)
+
+
 def test_bad_inputs_give_clear_errors(adapters, tmp_path):
     adapter = adapters["llama_mha"]
     input_ids, attention_mask, unmasked, _ = batch()

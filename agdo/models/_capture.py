@@ -13,7 +13,9 @@ its output differs from SDPA's in the last bits, so the decoding arms that ask f
 that do not (Max-Prob) saw different logits; and routing every forward through the fused kernel instead
 (to make them agree) would slow the normal forward, which on a GPU runs FlashAttention/cuDNN SDPA, faster
 than the fused kernel, and would lose the backward. The S-only pass costs about half an attention forward
-(no ``P·V``), on one layer, only in forwards that ask for statistics.
+(no ``P·V``), on one layer, only in forwards that ask for statistics. A forward that wants the statistics
+alone (``return_logits=False``: the order build) stops right after them (:class:`ForwardStopped`): the
+layer's own attention and everything after it never run.
 
 Head selection (``attention_heads``, resolved by :func:`resolve_heads`):
 
@@ -172,6 +174,13 @@ class StatisticsRequest:
     backend: str
     heads: Union[str, tuple] = "all"  # resolved `attention_heads` (see resolve_heads)
     layer: int = -1  # resolved layer index, for messages
+    stop_forward: bool = False  # raise ForwardStopped once the statistics are in: nothing after them is needed
+
+
+class ForwardStopped(Exception):
+    """Raised by the capture of a statistics-only forward (``AdapterOutput.logits`` not asked) right after the
+    chosen layer's statistics: the layer's own attention, the layers after it and the LM head never run. The
+    adapter catches it; the hooks are context managers that undo themselves on the way out."""
 
 
 @dataclass
@@ -296,6 +305,8 @@ class LayerCapture:
                     q, k, lse=lse, query_mask=request.influence_rows, norm=request.influence_norm, **common
                 )
         self.statistics = statistics
+        if request.stop_forward:
+            raise ForwardStopped
         return delegate()
 
     def result(self) -> LayerStatistics:

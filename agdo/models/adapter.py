@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import _compat, _families
-from ._capture import LayerCapture, StatisticsRequest, resolve_heads, resolve_layer
+from ._capture import ForwardStopped, LayerCapture, StatisticsRequest, resolve_heads, resolve_layer
 from ._padded_attention import check_padded_attention, padded_attention_route
 
 INFLUENCE_NORMS = ("sum", "mean", "max")
@@ -19,11 +19,11 @@ INFLUENCE_NORMS = ("sum", "mean", "max")
 class AdapterOutput(NamedTuple):
     """Per-TOKEN outputs; ``None`` for what was not asked.
 
-    logits ``(B, N, V)``: ``logits[:, i]`` predicts token ``i``. s ``(B, N)``: valid attention of each
-    token's predictor row. s0 ``(B, R)``, abar_rr ``(B, R, R)``: response block. influence ``(B, N)``: per key.
+    logits ``(B, N, V)``: ``logits[:, i]`` predicts token ``i`` (``None`` from a ``return_logits=False``
+    forward). s ``(B, N)``: valid attention of each token's predictor row. s0 ``(B, R)``, abar_rr ``(B, R, R)``: response block. influence ``(B, N)``: per key.
     """
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]
     s: Optional[torch.Tensor] = None
     s0: Optional[torch.Tensor] = None
     abar_rr: Optional[torch.Tensor] = None
@@ -92,6 +92,7 @@ class DiffusionLMAdapter:
         attention_layer="last",
         attention_heads="all",
         model: Optional[nn.Module] = None,
+        return_logits: bool = True,
     ) -> AdapterOutput:
         """One model forward over ``input_ids (B, N)``; statistics of one layer for what is asked.
 
@@ -109,6 +110,11 @@ class DiffusionLMAdapter:
 
             model: the module to run, default ``self.model``; pass the wrapper that accelerate prepared
                 (DDP/FSDP) so its gradient hooks run. It must wrap ``self.model``, whose layers are hooked.
+            return_logits: False for the statistics alone (``logits`` is None): the forward stops once the chosen
+                layer's statistics are computed, so that layer's own attention, the layers after it, the final
+                norm and the LM head (``N x vocab`` logits) never run. Statistics are the same values either
+                way. A whole forward still runs (and its logits are dropped) when ``model`` is given or the
+                model is sharded by FSDP or DeepSpeed ZeRO-3, whose hooks must see every forward to its end.
 
         Under grad the logits carry gradient as usual; statistics never do. The logits are bitwise the same
         whatever statistics are asked (the model's own attention always produces every layer's output).
@@ -133,6 +139,9 @@ class DiffusionLMAdapter:
         # Entered before the statistics hook, so that the hooked layer's own output is padding-free too.
         padded_route = padded_attention_route(self.family, self.model, attention_mask, self.padded_attention)
         if unmasked is None and response_start is None and influence_query_mask is None:
+            if not return_logits:
+                raise ValueError("return_logits=False needs a statistic: pass `unmasked`, `response_start` or "
+                                 "`influence_query_mask`")
             with padded_route:
                 return AdapterOutput(self.token_logits(runner(**inputs).logits))
 
@@ -147,10 +156,15 @@ class DiffusionLMAdapter:
             backend=self.kernel_backend,
             heads=heads,
             layer=layer,
+            stop_forward=not return_logits and model is None and not _sharded(self.model),
         )
         capture = LayerCapture(request, where=f"{type(self.model).__name__} ({self.family} adapter, layer {layer})")
-        with padded_route, self._family.hook(self._layer_target(layer), capture):
-            logits = runner(**inputs).logits
+        logits = None
+        try:
+            with padded_route, self._family.hook(self._layer_target(layer), capture):
+                logits = runner(**inputs).logits
+        except ForwardStopped:
+            pass
         statistics = capture.result()
         s = None
         if statistics.s_rows is not None:
@@ -158,7 +172,7 @@ class DiffusionLMAdapter:
             if attention_mask is not None:
                 s = s * attention_mask
         return AdapterOutput(
-            logits=self.token_logits(logits),
+            logits=self.token_logits(logits) if return_logits else None,
             s=s,
             s0=statistics.s0,
             abar_rr=statistics.abar_rr,
@@ -204,6 +218,19 @@ class DiffusionLMAdapter:
         if not self.shift:
             return tokens
         return torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Parameters sharded by FSDP (1 or 2) or DeepSpeed ZeRO-3: their hooks gather them around each forward and
+    must see it end, so such a model's forward is never cut short."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 marks its parameters
+        return True
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without distributed
+        return False
+    fsdp2 = getattr(torch.distributed.fsdp, "FSDPModule", ())
+    return any(isinstance(m, (FullyShardedDataParallel, fsdp2)) for m in model.modules())
 
 
 def _check_ids(input_ids) -> torch.Tensor:
