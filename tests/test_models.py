@@ -436,11 +436,17 @@ def test_statistics_only_forward_runs_whole_where_it_must(adapters, monkeypatch)
 
 
 def test_sharding_is_detected():
-    """``_sharded``: DeepSpeed ZeRO-3 marks its parameters with ``ds_id``; a plain model is not sharded."""
+    """``_sharded``: DeepSpeed ZeRO-3 marks its parameters with ``ds_id``, accelerate's device-map dispatch adds
+    an ``_hf_hook`` to modules; a plain model is neither."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
     from agdo.models.adapter import _sharded
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     assert not _sharded(model)
+    add_hook_to_module(model[0], ModelHook())
+    assert _sharded(model)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[1].weight.ds_id = 7
     assert _sharded(model)
 

@@ -114,7 +114,8 @@ class DiffusionLMAdapter:
                 layer's statistics are computed, so that layer's own attention, the layers after it, the final
                 norm and the LM head (``N x vocab`` logits) never run. Statistics are the same values either
                 way. A whole forward still runs (and its logits are dropped) when ``model`` is given or the
-                model is sharded by FSDP or DeepSpeed ZeRO-3, whose hooks must see every forward to its end.
+                model is sharded by FSDP or DeepSpeed ZeRO-3 or dispatched by accelerate's device map, whose
+                hooks must see every forward to its end.
 
         Under grad the logits carry gradient as usual; statistics never do. The logits are bitwise the same
         whatever statistics are asked (the model's own attention always produces every layer's output).
@@ -221,9 +222,12 @@ class DiffusionLMAdapter:
 
 
 def _sharded(model: nn.Module) -> bool:
-    """Parameters sharded by FSDP (1 or 2) or DeepSpeed ZeRO-3: their hooks gather them around each forward and
-    must see it end, so such a model's forward is never cut short."""
+    """Parameters sharded by FSDP (1 or 2) or DeepSpeed ZeRO-3, or placed by accelerate's device-map hooks
+    (offloading loads a module's weights before its forward and frees them after): their hooks must see every
+    forward end, so such a model's forward is never cut short."""
     if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 marks its parameters
+        return True
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):  # accelerate's dispatch / offload hooks
         return True
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
