@@ -114,8 +114,8 @@ def attention_order(
 
     The chosen layer's (default: the last, as in the paper) attention averaged over the chosen heads
     (default: all) gives ``S0`` (mass on the prompt) and ``Abar_RR`` (the forward stops there: nothing
-    after that layer's statistics runs); the greedy starts with ``U`` = the
-    prompt and adds the ``step_size`` tokens with the largest valid attention each round. The same forward
+    after that layer's statistics runs); the greedy starts with ``U`` = the prompt and adds the
+    ``step_size`` tokens with the largest valid attention each round. The same forward
     returns the influence ``I`` (Eq. 8) over all real query rows, from the same layer and heads.
     """
     out = adapter.forward(

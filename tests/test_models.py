@@ -426,7 +426,7 @@ def test_statistics_only_forward_runs_whole_where_it_must(adapters, monkeypatch)
         assert calls == []
         out = adapter.forward(input_ids, attention_mask, unmasked=unmasked, return_logits=False, model=adapter.model)
         assert calls == [1] and out.logits is None and out.s is not None
-        monkeypatch.setattr(adapter_module, "_sharded", lambda model: True)
+        monkeypatch.setattr(adapter_module, "_forward_must_finish", lambda model: True)
         out = adapter.forward(input_ids, attention_mask, unmasked=unmasked, return_logits=False)
         assert calls == [1, 1] and out.logits is None and out.s is not None
     finally:
@@ -435,20 +435,20 @@ def test_statistics_only_forward_runs_whole_where_it_must(adapters, monkeypatch)
         adapter.forward(input_ids, attention_mask, return_logits=False)
 
 
-def test_sharding_is_detected():
-    """``_sharded``: DeepSpeed ZeRO-3 marks its parameters with ``ds_id``, accelerate's device-map dispatch adds
-    an ``_hf_hook`` to modules; a plain model is neither."""
+def test_models_whose_hooks_need_the_whole_forward_are_detected():
+    """``_forward_must_finish``: DeepSpeed ZeRO-3 marks its parameters with ``ds_id``, accelerate's device-map
+    dispatch adds an ``_hf_hook`` to modules; a plain model is neither."""
     from accelerate.hooks import ModelHook, add_hook_to_module
 
-    from agdo.models.adapter import _sharded
+    from agdo.models.adapter import _forward_must_finish
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
-    assert not _sharded(model)
+    assert not _forward_must_finish(model)
     add_hook_to_module(model[0], ModelHook())
-    assert _sharded(model)
+    assert _forward_must_finish(model)
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[1].weight.ds_id = 7
-    assert _sharded(model)
+    assert _forward_must_finish(model)
 
 
 def test_bad_inputs_give_clear_errors(adapters, tmp_path):

@@ -20,7 +20,8 @@ class AdapterOutput(NamedTuple):
     """Per-TOKEN outputs; ``None`` for what was not asked.
 
     logits ``(B, N, V)``: ``logits[:, i]`` predicts token ``i`` (``None`` from a ``return_logits=False``
-    forward). s ``(B, N)``: valid attention of each token's predictor row. s0 ``(B, R)``, abar_rr ``(B, R, R)``: response block. influence ``(B, N)``: per key.
+    forward). s ``(B, N)``: valid attention of each token's predictor row. s0 ``(B, R)``, abar_rr
+    ``(B, R, R)``: response block. influence ``(B, N)``: per key.
     """
 
     logits: Optional[torch.Tensor]
@@ -157,14 +158,14 @@ class DiffusionLMAdapter:
             backend=self.kernel_backend,
             heads=heads,
             layer=layer,
-            stop_forward=not return_logits and model is None and not _sharded(self.model),
+            stop_forward=not return_logits and model is None and not _forward_must_finish(self.model),
         )
         capture = LayerCapture(request, where=f"{type(self.model).__name__} ({self.family} adapter, layer {layer})")
         logits = None
         try:
             with padded_route, self._family.hook(self._layer_target(layer), capture):
                 logits = runner(**inputs).logits
-        except ForwardStopped:
+        except ForwardStopped:  # raised only when stop_forward: the statistics are in, the rest was not needed
             pass
         statistics = capture.result()
         s = None
@@ -221,7 +222,7 @@ class DiffusionLMAdapter:
         return torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
 
 
-def _sharded(model: nn.Module) -> bool:
+def _forward_must_finish(model: nn.Module) -> bool:
     """Parameters sharded by FSDP (1 or 2) or DeepSpeed ZeRO-3, or placed by accelerate's device-map hooks
     (offloading loads a module's weights before its forward and frees them after): their hooks must see every
     forward end, so such a model's forward is never cut short."""
