@@ -101,24 +101,26 @@ class LaunchCaptured(Exception):
         self.kernel, self.args, self.kwargs = kernel, args, kwargs
 
 
-def _clean_flags(B, *tensors, device, flags=None):
-    return torch.zeros(B, dtype=torch.int32, device=device) if flags is None else flags.zero_()
+def _clean_flags(B, *tensors, flags):
+    return flags.zero_()
 
 
 def _key_rows(unmasked, attention_mask, flags):
     B, N = unmasked.shape
     flags.zero_()
     stride = (N + 15) // 16 * 16
-    u = torch.zeros(B, stride)[:, :N]
-    count = torch.zeros(B, stride + 1, dtype=torch.int32)[:, : N + 1]
+    u = torch.zeros(B, stride)
+    count = torch.zeros(B, stride + 1, dtype=torch.int32)
     if attention_mask is None:
         return u, count, None, None
-    bias = torch.zeros(B, stride)[:, :N].masked_fill(~attention_mask, float("-inf"))
+    bias = torch.zeros(B, stride)
+    bias[:, :N].masked_fill_(~attention_mask, float("-inf"))
     return u, count, bias, torch.tensor([[0, N]] * B, dtype=torch.int32)
 
 
-def _counted_rows(lse, attention_mask, query_mask):
+def _counted_rows(lse, attention_mask, query_mask, flags):
     B, H, N = lse.shape
+    flags.zero_()
     return lse.float().contiguous(), torch.tensor([[0, N, 0, N]] * B, dtype=torch.int32)
 
 

@@ -1,8 +1,12 @@
-"""Triton launch configs: pinned by default (same summation order on every run and rank), autotuned only on
-request and only for fp16/bf16 up to head dim 128. Checked with a stand-in kernel: no GPU needed."""
+"""Triton launches: configs pinned by default (same summation order on every run and rank), autotuned only on
+request and only for fp16/bf16 up to head dim 128 (checked with a stand-in kernel: no GPU needed); and how
+many launches one per-step call costs (launches recorded, not run)."""
+
+from unittest import mock
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
@@ -75,3 +79,66 @@ def test_fp32_before_sm90_takes_the_kernels_own_tile(compiled):
     assert _common.pinned_config(CONFIGS, torch.float32, 128, 90, sm80) == (64, 32, 4, 1)
     assert _common.pinned_config(CONFIGS, torch.float32, 128, 80, None) == (64, 32, 4, 1)
     assert _common.pinned_config(CONFIGS, torch.bfloat16, 128, 80, sm80) == CONFIGS[0]
+
+
+# Torch ops that launch nothing on the device: allocations and views.
+_HOST_ONLY_OPS = {"aten.empty.memory_format", "aten.view.dtype", "aten.detach.default", "aten.alias.default",
+                  "aten.unsqueeze.default"}
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _per_step_calls(device):
+    gen = torch.Generator().manual_seed(0)
+    B, H, Hkv, N, d = 2, 4, 2, 40, 16
+    q, k, v = (torch.randn(B, h, N, d, generator=gen).to(device) for h in (H, Hkv, Hkv))
+    unmasked = (torch.rand(B, N, generator=gen) < 0.5).to(device)
+    mask = torch.ones(B, N, dtype=torch.bool, device=device)
+    mask[0, :5] = False
+    lse = torch.randn(B, H, N, generator=gen).to(device)
+    return {
+        "S": lambda: agdo_kernels.valid_attention(q, k, unmasked=unmasked, backend="triton"),
+        "S+lse, padded": lambda: agdo_kernels.valid_attention(
+            q, k, unmasked=unmasked, attention_mask=mask, return_lse=True, backend="triton"),
+        "S+O+lse, padded": lambda: agdo_kernels.valid_attention(
+            q, k, v, unmasked=unmasked, attention_mask=mask, return_output=True, return_lse=True, backend="triton"),
+        "I": lambda: agdo_kernels.influence(q, k, lse=lse, backend="triton"),
+        "I, padded and counted rows": lambda: agdo_kernels.influence(
+            q, k, lse=lse, attention_mask=mask, query_mask=unmasked, backend="triton"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("call", ["S", "S+lse, padded", "S+O+lse, padded", "I", "I, padded and counted rows"])
+def test_per_step_calls_are_four_launches_and_no_torch_kernels(call):
+    """What Max-S decoding and the influence pass cost the host per call: exactly four Triton launches (prepare
+    the per-key rows and zero the flags, scan the inputs, the statistics, average over heads) and no torch op
+    that launches a kernel (a mask cast, a memset, an lse rescale would each be one more launch)."""
+    from conftest import BACKENDS, DEVICE
+
+    if "triton" not in BACKENDS:
+        pytest.skip("Triton needs a CUDA device, or TRITON_INTERPRET=1 on CPU")
+    import triton.runtime.autotuner
+    import triton.runtime.interpreter
+    import triton.runtime.jit
+
+    launches = []
+
+    def record(kernel, *args, **kwargs):  # stands in for every launch: nothing runs
+        launches.append(kernel.fn.__name__)
+
+    with mock.patch.object(triton.runtime.jit.JITFunction, "run", record), \
+            mock.patch.object(triton.runtime.interpreter.InterpretedFunction, "run", record), \
+            mock.patch.object(triton.runtime.autotuner.Autotuner, "run", record):  # fmt: skip
+        calls = _per_step_calls(DEVICE)
+        with _OpLog() as log:
+            calls[call]()
+    assert len(launches) == 4, launches
+    assert set(log.ops) <= _HOST_ONLY_OPS, sorted(set(log.ops) - _HOST_ONLY_OPS)

@@ -188,10 +188,10 @@ def test_triton_row_flags_and_finish_against_torch(dtype):
     q[1, 2, 36, 23] = NAN
     lse[3, 0, 0] = -INF
     mask_like[4, 11] = INF
-    flags = flag_nonfinite_rows(Bn, q, lse, mask_like, device=DEVICE)
+    flags = flag_nonfinite_rows(Bn, q, lse, mask_like, flags=torch.zeros(Bn, dtype=torch.int32, device=DEVICE))
     assert flags.dtype == torch.int32
     assert (flags != 0).tolist() == [False, True, False, True, True]
-    assert not flag_nonfinite_rows(Bn, None, device=DEVICE).any()
+    assert not flag_nonfinite_rows(Bn, None, flags=torch.zeros(Bn, dtype=torch.int32, device=DEVICE)).any()
 
     part = torch.rand(Bn, Hn, Nn, generator=gen).to(DEVICE)
     out = torch.randn(Bn, Hn, Nn, Dn, generator=gen).to(DEVICE, dtype)

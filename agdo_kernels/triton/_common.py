@@ -102,14 +102,26 @@ def launch(kernel, grid, *args, gpu_configs, dtype: torch.dtype, head_dim: int, 
             kernel[grid](*args, **constexprs, enable_fp_fusion=FP_FUSION)
 
 
+# Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are constexpr-function wrappers that cost
+# ~3 us per call from Python (they unwrap constexpr arguments); a launcher calls them several times per call.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def tuning_bucket(n: int) -> int:
     """Autotuning key for a sequence length: the next power of two, so a new ``N`` retunes rarely."""
-    return triton.next_power_of_2(max(n, 1))
+    return next_power_of_2(n)
 
 
 def as_bytes(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """A bool ``(B, N)`` mask as contiguous uint8, the form the kernels load (row ``b`` at ``b * N``)."""
-    return None if mask is None else mask.to(torch.uint8).contiguous()
+    """A bool ``(B, N)`` mask as contiguous uint8, the form the kernels load (row ``b`` at ``b * N``): a view of
+    the same bytes, no copy launched (the public calls hand the backends bool masks)."""
+    return None if mask is None else mask.contiguous().view(torch.uint8)
 
 
 def lse_log2(lse: torch.Tensor) -> torch.Tensor:

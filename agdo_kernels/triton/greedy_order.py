@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..reference.ordering import dense_steps, greedy_window
-from ._common import device_guard
+from ._common import device_guard, next_power_of_2
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def greedy_order(abar_rr, s0, valid, step_size, block_size, block_mode):
     if B > 0 and R > 0:
         with device_guard(s0.device):
             columns = abar_rr.to(torch.float32).transpose(1, 2).contiguous()
-            block_r = triton.next_power_of_2(R)
+            block_r = next_power_of_2(R)
             _greedy_rank_kernel[(B,)](
                 columns,
                 s0.to(torch.float32).contiguous(),

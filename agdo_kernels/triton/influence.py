@@ -24,12 +24,13 @@ import triton.language as tl
 from ._common import (
     LOG2E,
     as_bytes,
+    cdiv,
     check_supported,
     device_guard,
     dot_precision,
     launch,
     load_tile,
-    lse_log2,
+    next_power_of_2,
     real_keys,
     tuning_bucket,
     tuning_configs,
@@ -147,12 +148,15 @@ def _influence_kernel(
 
 @triton.jit
 def _counted_rows_kernel(lse_ptr, stride_lb, stride_lh, stride_ln, key_mask_ptr, query_mask_ptr, lse2_ptr,
-                         extent_ptr, H, N, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
+                         extent_ptr, flags_ptr, H, N, HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr,
                          BLOCK: tl.constexpr):
     """Head ``h`` of row ``b``: ``lse2`` = the base-2 lse of counted rows (``+inf`` elsewhere, so their p is
-    0); head 0 also writes ``[first counted row, last + 1, first real key, last + 1)``."""
+    0); head 0 also writes ``[first counted row, last + 1, first real key, last + 1)`` and zeroes the row's
+    non-finite flag."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
+    if bh % H == 0:
+        tl.store(flags_ptr + b, 0)
     first_row = tl.full([BLOCK], N, tl.int32)
     last_row = tl.full([BLOCK], -1, tl.int32)
     first_key = tl.full([BLOCK], N, tl.int32)
@@ -180,17 +184,18 @@ def _counted_rows_kernel(lse_ptr, stride_lb, stride_lh, stride_ln, key_mask_ptr,
         tl.store(extent_ptr + 4 * b + 3, tl.max(last_key) + 1)
 
 
-def counted_rows(lse, attention_mask, query_mask):
-    """``(lse2 (B, H, N), extent (B, 4) int32)`` for :func:`_counted_rows_kernel`: one launch."""
+def counted_rows(lse, attention_mask, query_mask, flags):
+    """``(lse2 (B, H, N), extent (B, 4) int32)`` for :func:`_counted_rows_kernel`, and the int32 non-finite
+    ``flags (B,)`` zeroed: one launch."""
     B, H, N = lse.shape
     lse2 = torch.empty(B, H, N, dtype=torch.float32, device=lse.device)
     extent = torch.empty(B, 4, dtype=torch.int32, device=lse.device)
-    masks = [m.contiguous().view(torch.uint8) if m is not None else lse2 for m in (attention_mask, query_mask)]
+    masks = [as_bytes(m) if m is not None else lse2 for m in (attention_mask, query_mask)]
     with device_guard(lse.device):
-        _counted_rows_kernel[(B * H,)](lse, *lse.stride(), *masks, lse2, extent, H, N,
+        _counted_rows_kernel[(B * H,)](lse, *lse.stride(), *masks, lse2, extent, flags, H, N,
                                        HAS_KEY_MASK=attention_mask is not None,
                                        HAS_QUERY_MASK=query_mask is not None,
-                                       BLOCK=min(1024, triton.next_power_of_2(max(N, 1))))
+                                       BLOCK=min(1024, next_power_of_2(N)))
     return lse2, extent
 
 
@@ -202,23 +207,23 @@ def influence_sum(q, k, lse, attention_mask, query_mask, scale):
     if B * H * N == 0:
         return torch.zeros(B, N, dtype=torch.float32, device=q.device)
 
-    flags = flag_nonfinite_rows(B, q, k, lse, device=q.device)  # the non-finite row rule, on the inputs
-    if attention_mask is None and query_mask is None:
-        lse2, extent = lse_log2(lse), None
-    else:
-        lse2, extent = counted_rows(lse, attention_mask, query_mask)
+    # The non-finite row rule on the inputs: counted_rows zeroes the flags, the scan raises them.
+    flags = torch.empty(B, dtype=torch.int32, device=q.device)
+    lse2, extent = counted_rows(lse, attention_mask, query_mask, flags)
+    flag_nonfinite_rows(B, q, k, lse, flags=flags)
     key_mask = as_bytes(attention_mask)
     part = torch.empty(B, H, N, dtype=torch.float32, device=q.device)  # every element written
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]) * B * H,)
+        return (cdiv(N, meta["BLOCK_N"]) * B * H,)
 
     launch(
         _influence_kernel, grid,
-        q, k, lse2, key_mask if key_mask is not None else part, part, flags, extent if extent is not None else part,
+        q, k, lse2, key_mask if key_mask is not None else part, part, flags, extent,
         *q.stride(), *k.stride(),
         H, H // Hkv, N, tuning_bucket(N), scale * LOG2E,
-        HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None, HAS_EXTENT=extent is not None,
+        HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None,
+        HAS_EXTENT=attention_mask is not None or query_mask is not None,
         DOT_PRECISION=dot_precision(q.dtype),
         gpu_configs=_GPU_CONFIGS, sm80_fp32_config=_SM80_FP32_CONFIG, dtype=q.dtype, head_dim=d,
         device=q.device,

@@ -11,8 +11,8 @@ or whose statistics overflow, is NaN in every output of that row. Here it runs o
    and writes NaN over every output of a flagged row; a clean row costs it one flag load.
 
 Per call on an H200 this replaced ~30 small launches (aminmax per tensor, casts, stack, masked_fill per
-output: ~0.4 ms of host time, bench/RESULTS.md) with these three and a memset (``valid_attention`` zeroes
-its flags in the launch that prepares its per-key rows instead).
+output: ~0.4 ms of host time, bench/RESULTS.md) with these three; the flags are zeroed by the launch that
+prepares the call's other per-row inputs (``key_rows``, ``counted_rows``), so there is no memset.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard
+from ._common import cdiv, device_guard, next_power_of_2
 
 _SCAN_ELEMENTS = 4096  # elements per scanning program
 _FINISH_BLOCK = 128  # query rows per finishing program
@@ -85,27 +85,24 @@ def _scan_arguments(t: torch.Tensor | None):
     if t.dim() > 4:
         raise ValueError(f"the non-finite scan takes tensors of rank <= 4, got shape {tuple(t.shape)}")
     X, Y, Z = t.shape[1:]
-    block_z = triton.next_power_of_2(Z)
+    block_z = next_power_of_2(Z)
     block_r = max(1, _SCAN_ELEMENTS // block_z)
-    return (t, Y, X * Y, Z, *t.stride(), triton.cdiv(X * Y, block_r)), (block_r, block_z)
+    return (t, Y, X * Y, Z, *t.stride(), cdiv(X * Y, block_r)), (block_r, block_z)
 
 
-def flag_nonfinite_rows(B: int, *tensors, device: torch.device,
-                        flags: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """int32 ``(B,)`` flags, nonzero where any of ``tensors`` (leading dim ``B``; ``None`` skipped; any
-    strides) holds a NaN or an infinity in that batch row. At most three tensors, one launch. ``flags``: zeroed
-    flags to raise (a launch before this one zeroed them; saves the memset), else new ones."""
+def flag_nonfinite_rows(B: int, *tensors, flags: torch.Tensor) -> torch.Tensor:
+    """Raise the int32 ``flags (B,)`` (zeroed by the caller's preparing launch: no memset of their own) where
+    any of ``tensors`` (leading dim ``B``; ``None`` skipped; any strides) holds a NaN or an infinity in that
+    batch row. At most three tensors, one launch. Returns ``flags``."""
     present = [t for t in tensors if t is not None and t.numel()]
     if len(present) > _MAX_SCANNED:
         raise ValueError(f"flag_nonfinite_rows scans at most {_MAX_SCANNED} tensors, got {len(present)}")
-    if flags is None:
-        flags = torch.zeros(B, dtype=torch.int32, device=device)
     if not present:
         return flags
     args, blocks = zip(*(_scan_arguments(t) for t in present + [None] * (_MAX_SCANNED - len(present))))
     args = [(a[0] if a[0] is not None else flags,) + a[1:] for a in args]  # absent: any pointer, 0 tiles
     programs = B * sum(a[-1] for a in args)
-    with device_guard(device):
+    with device_guard(flags.device):
         _scan_kernel[(programs,)](
             flags, B, *args[0], *args[1], *args[2],
             BR_A=blocks[0][0], BZ_A=blocks[0][1], BR_B=blocks[1][0], BZ_B=blocks[1][1],
@@ -154,11 +151,11 @@ def finish_rows(part: torch.Tensor, flags: torch.Tensor, lse: torch.Tensor | Non
     if B * N == 0:
         return result
     with device_guard(part.device):
-        _finish_rows_kernel[(B * triton.cdiv(N, _FINISH_BLOCK),)](
+        _finish_rows_kernel[(B * cdiv(N, _FINISH_BLOCK),)](
             flags, part, result, lse if lse is not None else part, out if out is not None else part,
             H, N, out.shape[-1] if out is not None else 1, *(out.stride() if out is not None else (0, 0, 0, 0)),
             1.0 / H, HAS_LSE=lse is not None, HAS_OUT=out is not None,
-            BLOCK_DV=triton.next_power_of_2(out.shape[-1]) if out is not None else 1,
+            BLOCK_DV=next_power_of_2(out.shape[-1]) if out is not None else 1,
             BLOCK=_FINISH_BLOCK,
         )  # fmt: skip
     return result

@@ -18,6 +18,7 @@ import triton.language as tl
 from ._common import (
     LOG2E,
     as_bytes,
+    cdiv,
     check_supported,
     dot_precision,
     launch,
@@ -132,7 +133,7 @@ def response_block(q, k, lse, response_start, attention_mask, shift, scale):
     abar = columns.transpose(1, 2)
 
     def grid(meta):
-        return (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_N"]), B)
+        return (cdiv(R, meta["BLOCK_M"]), cdiv(R, meta["BLOCK_N"]), B)
 
     launch(
         _response_block_kernel, grid,
