@@ -7,7 +7,8 @@ first step of every block with a cache), the block and what follows it (``prefix
 (``dual``), or the block and the next block (``prefix+32``: ``cache_lookahead=32``). Groups are one
 response length and batch ("one" sequence, "many" = 4); the baseline is ``none`` with Max-Prob. The note
 gives tokens/s (batch x response length / median time), ms per sequence and the positions the model
-computed per sequence (summed over its calls, counted by a hook): what a cache saves, whatever the device.
+computed per sequence (summed over its calls, counted by a hook): what a cache saves, whatever the device;
+and the rows the LM head computed per sequence (a step needs the logits of the block it decodes only).
 
 - CPU (every run): a tiny randomly initialised bidirectional Llama (hidden 64, 2 layers), float32.
 - GPU (skipped without CUDA): a Dream-shaped random-init Qwen2 in bf16 (hidden 3584, 28 heads / 4 KV
@@ -111,29 +112,35 @@ def _decode(measure, model_and_prompts, case, device: str, rounds: int):
     config = SamplerConfig(gen_length=gen_length, steps=STEPS_PER_BLOCK * gen_length // BLOCK, block_length=BLOCK,
                            alg=alg, cache=mode, cache_lookahead=int(lookahead) if lookahead else None,
                            stop_at_eos=False)
-    seconds, forwarded = [], []
+    seconds, forwarded, head_rows = [], [], []
 
     def count_positions(module, args, kwargs):  # every model call, cached or not: the positions it computes
         ids_in = kwargs.get("input_ids", args[0] if args else None)
         shape = ids_in.shape if ids_in is not None else kwargs["inputs_embeds"].shape[:2]
         forwarded[-1] += shape[0] * shape[1]
 
+    def count_head_rows(module, args, output):  # the rows the LM head computes logits for
+        head_rows[-1] += output.shape[0] * output.shape[1]
+
     def decode():
         forwarded.append(0)
-        hook = adapter.model.register_forward_pre_hook(count_positions, with_kwargs=True)
+        head_rows.append(0)
+        hooks = [adapter.model.register_forward_pre_hook(count_positions, with_kwargs=True),
+                 adapter.model.get_output_embeddings().register_forward_hook(count_head_rows)]
         start = time.perf_counter()
         try:
             generate(adapter, ids, mask, config)
             if ids.is_cuda:
                 torch.cuda.synchronize()
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
         seconds.append(time.perf_counter() - start)
 
     def note():
         median = statistics.median(seconds[-rounds:])  # the timed rounds come last
         return (f"{batch * gen_length / median:,.0f} tok/s, {1e3 * median / batch:,.0f} ms/seq, "
-                f"{forwarded[-1] / batch:,.0f} positions computed/seq")
+                f"{forwarded[-1] / batch:,.0f} positions computed/seq, {head_rows[-1] / batch:,.0f} LM-head rows/seq")
 
     label = "one" if batch == 1 else f"many (B={batch})"
     measure(decode, group=f"decode {device} R={gen_length} {label} P={PROMPT_LENGTH} block={BLOCK} "

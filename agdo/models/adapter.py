@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from typing import NamedTuple, Optional
 
 import torch
@@ -20,7 +21,7 @@ class AdapterOutput(NamedTuple):
     """Per-TOKEN outputs; ``None`` for what was not asked.
 
     logits ``(B, N, V)``: ``logits[:, i]`` predicts token ``i`` (``None`` from a ``return_logits=False``
-    forward). s ``(B, N)``: valid attention of each token's predictor row. s0 ``(B, R)``, abar_rr
+    forward; ``(B, end - first, V)`` for tokens ``first..end-1`` from a ``logits_span`` forward). s ``(B, N)``: valid attention of each token's predictor row. s0 ``(B, R)``, abar_rr
     ``(B, R, R)``: response block. influence ``(B, N)``: per key.
     """
 
@@ -94,6 +95,7 @@ class DiffusionLMAdapter:
         attention_heads="all",
         model: Optional[nn.Module] = None,
         return_logits: bool = True,
+        logits_span: Optional[tuple[int, int]] = None,
     ) -> AdapterOutput:
         """One model forward over ``input_ids (B, N)``; statistics of one layer for what is asked.
 
@@ -117,6 +119,11 @@ class DiffusionLMAdapter:
                 way. A whole forward still runs (and its logits are dropped) when ``model`` is given or the
                 model is sharded by FSDP or DeepSpeed ZeRO-3 or dispatched by accelerate's device map, whose
                 hooks must see every forward to its end.
+            logits_span: ``(first, end)``: the logits of tokens ``first <= i < end`` only, ``(B, end - first, V)``
+                (a decoding step reads one block, not ``N x vocab`` logits). The LM head then runs on those
+                tokens' predictor rows alone — equal to the slice of the full logits up to the rounding of the
+                head's matmul over fewer rows (bitwise on CPU). A model whose output head is its input
+                embedding (LLaDA with ``weight_tying``) computes every row and is sliced.
 
         Under grad the logits carry gradient as usual; statistics never do. The logits are bitwise the same
         whatever statistics are asked (the model's own attention always produces every layer's output).
@@ -133,6 +140,10 @@ class DiffusionLMAdapter:
             raise TypeError(f"`response_start` must be an int, got {type(response_start).__name__}")
         layer = resolve_layer(attention_layer, self.num_layers)
         heads = resolve_heads(attention_heads, self.num_heads)
+        if logits_span is not None:
+            _check_span(logits_span, N)
+            if not return_logits:
+                raise ValueError("`logits_span` asks for logits: it cannot go with return_logits=False")
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: let the model take its fastest path
 
@@ -144,8 +155,8 @@ class DiffusionLMAdapter:
             if not return_logits:
                 raise ValueError("return_logits=False needs a statistic: pass `unmasked`, `response_start` or "
                                  "`influence_query_mask`")
-            with padded_route:
-                return AdapterOutput(self.token_logits(runner(**inputs).logits))
+            with padded_route, self._logits_of(logits_span, N) as token_logits:
+                return AdapterOutput(token_logits(runner(**inputs).logits))
 
         request = StatisticsRequest(
             attention_mask=attention_mask,
@@ -163,8 +174,9 @@ class DiffusionLMAdapter:
         capture = LayerCapture(request, where=f"{type(self.model).__name__} ({self.family} adapter, layer {layer})")
         logits = None
         try:
-            with padded_route, self._family.hook(self._layer_target(layer), capture):
-                logits = runner(**inputs).logits
+            with padded_route, self._family.hook(self._layer_target(layer), capture), \
+                    self._logits_of(logits_span, N) as token_logits:  # fmt: skip
+                logits = token_logits(runner(**inputs).logits)
         except ForwardStopped:  # raised only when stop_forward: the statistics are in, the rest was not needed
             pass
         statistics = capture.result()
@@ -174,7 +186,7 @@ class DiffusionLMAdapter:
             if attention_mask is not None:
                 s = s * attention_mask
         return AdapterOutput(
-            logits=self.token_logits(logits) if return_logits else None,
+            logits=logits,
             s=s,
             s0=statistics.s0,
             abar_rr=statistics.abar_rr,
@@ -215,6 +227,36 @@ class DiffusionLMAdapter:
             return per_row
         return torch.cat([torch.zeros_like(per_row[:, :1]), per_row[:, :-1]], dim=1)
 
+    @contextmanager
+    def _logits_of(self, logits_span: Optional[tuple[int, int]], N: int):
+        """Within it, the model's LM head runs on the predictor rows of the tokens in ``logits_span`` only (all
+        rows when None); yields the function that turns the model's raw logits into token-aligned ones."""
+        if logits_span is None:
+            yield self.token_logits
+            return
+        first, end = logits_span
+        head = _output_head(self.model)
+        if head is None:
+            yield lambda raw: self.token_logits(raw)[:, first:end]  # no head of its own to narrow: slice
+            return
+        if self.shift and first == 0:  # token 0 has no predictor row and takes row 0 (token_logits)
+            rows = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(end - 1)]).to(self.device)
+        else:
+            rows = slice(first - self.shift, end - self.shift)
+
+        def narrow(module, args):
+            hidden = args[0]
+            if hidden.ndim != 3 or hidden.shape[1] != N:
+                raise RuntimeError(f"logits_span: {type(self.model).__name__}'s output head got hidden states of "
+                                   f"shape {tuple(hidden.shape)}, not (B, N={N}, hidden): cannot pick rows")
+            return (hidden[:, rows], *args[1:])
+
+        handle = head.register_forward_pre_hook(narrow)
+        try:
+            yield lambda raw: raw
+        finally:
+            handle.remove()
+
     def _predictor_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token mask → mask of their predictor rows."""
         if not self.shift:
@@ -236,6 +278,24 @@ def _forward_must_finish(model: nn.Module) -> bool:
         return False
     fsdp2 = getattr(torch.distributed.fsdp, "FSDPModule", ())
     return any(isinstance(m, (FullyShardedDataParallel, fsdp2)) for m in model.modules())
+
+
+def _output_head(model: nn.Module) -> Optional[nn.Linear]:
+    """The model's LM head when it is a Linear module (called once per forward, on the last hidden states), else
+    None: no such method, or a head that is the input embedding (weight-tied LLaDA returns its ``wte``)."""
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return head if isinstance(head, nn.Linear) else None
+
+
+def _check_span(span, N: int) -> None:
+    if (not isinstance(span, tuple) or len(span) != 2 or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                                  for i in span)):
+        raise TypeError(f"`logits_span` must be a tuple (first, end) of ints, got {span!r}")
+    if not 0 <= span[0] < span[1] <= N:
+        raise ValueError(f"`logits_span` must satisfy 0 <= first < end <= N={N}, got {span}")
 
 
 def _check_ids(input_ids) -> torch.Tensor:

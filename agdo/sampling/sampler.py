@@ -58,6 +58,12 @@ block*, the first block that still has a masked position. Every step is one forw
    we test each row alone — rows stay independent — and count EOS as an end token too.)
 4. The loop stops as soon as every row is finished.
 
+Logits: a step reads those of the active blocks only, so with an adapter whose ``forward`` takes
+``logits_span`` (``agdo.models``) the LM head runs on those rows alone, not on ``N x vocab`` (at Dream-7B's
+vocabulary that head is ~8% of a forward's FLOPs and, over the whole sequence, 0.3 GB of bf16 logits per
+row); the whole response's when a record (``predictions``, ``prediction_probs``, ``token_probs``) needs
+every position. The values are the full forward's to the rounding of that matmul over fewer rows.
+
 Block KV cache (``SamplerConfig.cache``, Fast-dLLM's caches; :mod:`agdo.models._block_cache`). ``"none"``
 (default): every step is a forward over the whole sequence, as above. ``"prefix"`` / ``"dual"``: the first
 step of a block is that full forward and also keeps every layer's K/V; the block's later steps run the
@@ -93,6 +99,7 @@ its batch index. Per step and row the draws are, in order: ``block_length x V`` 
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence, runtime_checkable
@@ -117,7 +124,10 @@ class DiffusionAdapter(Protocol):
     token ``i``; shifted models are already shifted) and ``s (B, N)`` float32, the valid attention of
     every token for the key set ``unmasked`` (bool ``(B, N)``), or None when ``unmasked`` is None.
 
-    Optional: ``confidence_from`` (``"raw"`` / ``"sampling"``) or ``family`` (``"dream"`` → ``"sampling"``)
+    Optional: a ``forward`` that takes ``logits_span=(first, end)`` and then returns the logits of tokens
+    ``first..end-1`` only (``agdo.models`` adapters: the LM head runs on those rows) — the sampler asks for the
+    active blocks' span, or the whole response when a record needs every position's logits;
+    ``confidence_from`` (``"raw"`` / ``"sampling"``) or ``family`` (``"dream"`` → ``"sampling"``)
     give the confidence convention used when ``SamplerConfig.confidence_from`` is None; ``block_cache(mode,
     attention_mask, lookahead=None)`` (``agdo.models`` adapters) gives the KV cache of ``SamplerConfig.cache``.
     """
@@ -352,6 +362,10 @@ def generate(
     need_s = strategy == "max_s" or config.return_s
     temperature, alg_temp = config.temperature, config.alg_temp
 
+    # The logits each step reads: the active blocks' (the records below need every response position's).
+    narrow_logits = "logits_span" in inspect.signature(adapter.forward).parameters
+    all_response_logits = config.return_predictions or config.return_token_probs
+
     x = torch.cat([prompt_ids, torch.full((B, R), mask_id, dtype=torch.long, device=device)], dim=1)
     real = torch.cat([prompt_mask, torch.ones(B, R, dtype=torch.bool, device=device)], dim=1)
     attention_mask = None if bool(real.all()) else real
@@ -383,27 +397,38 @@ def generate(
         response = x[:, P:]
         masked = response == mask_id
         unfinished = masked.any(1)
-        if not bool(unfinished.any()):
+        block = masked.int().argmax(1) // L  # first block with a masked position (0 for finished rows)
+        # One host sync per step: whether any row is unfinished, and the lowest / highest active block.
+        any_unfinished, lowest, highest = torch.stack(
+            [unfinished.any().long(), block.masked_fill(~unfinished, R).min(), block.masked_fill(~unfinished, -1).max()]
+        ).tolist()
+        if not any_unfinished:
             break
         num_steps += 1
-        block = masked.int().argmax(1) // L  # first block with a masked position (0 for finished rows)
         block_step = torch.where(block == active_block, block_step + 1, 0)
         active_block = block
         positions = block.unsqueeze(1) * L + block_offsets  # (B, L) response indices of the active block
 
         unmasked = (real & (x != mask_id)) if need_s else None
-        if block_cache is None:
-            out = adapter.forward(x, attention_mask, unmasked=unmasked)
-        else:  # fresh logits for the active blocks of the unfinished rows, lowest to highest
-            lowest, highest = torch.stack(torch.aminmax(block[unfinished])).tolist()
-            out = block_cache.forward(x, (P + lowest * L, P + (highest + 1) * L), unmasked=unmasked)
-        logits = out.logits[:, P:]
-        if logits.shape[:2] != (B, R):
-            raise ValueError(f"adapter.forward: expected logits (B={B}, N={P + R}, V), got {tuple(out.logits.shape)}")
+        # Fresh logits for the active blocks of the unfinished rows, lowest to highest.
+        fresh = (P + lowest * L, P + (highest + 1) * L)
+        if block_cache is not None:
+            out, span = block_cache.forward(x, fresh, unmasked=unmasked), (0, P + R)
+        elif narrow_logits:
+            span = (P, P + R) if all_response_logits else fresh
+            out = adapter.forward(x, attention_mask, unmasked=unmasked, logits_span=span)
+        else:
+            out, span = adapter.forward(x, attention_mask, unmasked=unmasked), (0, P + R)
+        if out.logits.shape[:2] != (B, span[1] - span[0]):
+            raise ValueError(f"adapter.forward: expected the logits of tokens {span[0]}..{span[1] - 1}, "
+                             f"(B={B}, {span[1] - span[0]}, V), got {tuple(out.logits.shape)}")
+        # out.logits[:, j] predicts token span[0] + j; `logits`: every response position's, where the span has them.
+        logits = out.logits[:, P - span[0]:] if span[0] <= P else None
         if need_s and out.s is None:
             raise ValueError("adapter.forward returned s=None although unmasked was given")
 
-        block_logits = logits[rows, positions].float()
+        # Finished rows sit on block 0, maybe outside the span: clamped, their logits commit nothing.
+        block_logits = out.logits[rows, (P - span[0] + positions).clamp(0, span[1] - span[0] - 1)].float()
         log_normalizer = block_logits.logsumexp(dim=-1)
         filtered = None
         if temperature > 0 or from_sampling:  # the distribution tokens are drawn from
