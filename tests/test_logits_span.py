@@ -7,6 +7,7 @@ over fewer rows), the LM head must see only the span's predictor rows, and decod
 must equal decoding with full ones (float64 models, where rounding cannot flip a choice).
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -174,3 +175,32 @@ def test_records_of_every_position_take_the_whole_response(adapters, record):
     assert calls == [R] * narrowed.num_steps  # the response, not the prompt
     name = "predictions" if record == "return_predictions" else "token_probs"
     close(getattr(narrowed, name), getattr(full, name), adapter)
+
+
+CACHED = [("qwen2_gqa_shifted", "prefix"), ("qwen2_gqa_shifted", "dual"), ("dream", "prefix"), ("dream", "dual"),
+          ("llama_mha", "prefix"), ("llada", "prefix"), ("llada_tied", "prefix")]
+
+
+@pytest.mark.parametrize("setting", ["max_prob", "max_s", "threshold"])
+@pytest.mark.parametrize("case,cache", CACHED)
+def test_cached_decoding_with_fresh_logits_equals_the_full_length_cache(adapters, case, cache, setting):
+    """The reference: the same cached decoding with a record that needs every position's logits, which keeps
+    the cache's full-length logits (records never change what is decoded)."""
+    adapter = adapters[case]
+    ids, mask = prompts()
+    settings = dict(threshold=DRIFTING.get(case, 0.2)) if setting == "threshold" else SETTINGS[setting]
+    config = SamplerConfig(gen_length=R, steps=R, block_length=L, cache=cache, **settings)
+    calls = []
+    hook = head_rows(adapter, calls) if case != "llada_tied" else None
+    try:
+        fresh_only = generate(adapter, ids, mask, config)
+    finally:
+        if hook is not None:
+            hook.remove()
+    full_length = generate(adapter, ids, mask, dataclasses.replace(config, return_token_probs=True))
+    assert torch.equal(fresh_only.sequences, full_length.sequences)
+    assert torch.equal(fresh_only.trace, full_length.trace)
+    if hook is not None:  # every call, full forwards included, computes the fresh blocks' rows only
+        assert len(calls) == fresh_only.num_steps and all(rows % L == 0 and rows <= R for rows in calls)
+        if setting != "threshold":
+            assert calls == [L] * fresh_only.num_steps

@@ -39,7 +39,9 @@ forward (counted over real tokens).
 
 Outputs are full-length and token-aligned like ``DiffusionLMAdapter.forward``: a cached step overwrites
 the logits (and ``S``) of the block and what follows it in the fed window; every other position keeps the
-value of the last forward that computed it (the block's first step).
+value of the last forward that computed it (the block's first step). With ``logits_fresh_only`` (what the
+sampler asks unless a record needs every position) the logits are those of the fresh positions alone,
+the LM head run on their rows only, full forwards included.
 
 Per family, through the model's own cache:
 
@@ -122,24 +124,29 @@ class BlockCache:
         self.s: Optional[torch.Tensor] = None  # (B, N) likewise, when S is asked
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, fresh: tuple[int, int], *,
-                unmasked: Optional[torch.Tensor] = None) -> AdapterOutput:
+    def forward(self, input_ids: torch.Tensor, fresh: tuple[int, int], *, unmasked: Optional[torch.Tensor] = None,
+                logits_fresh_only: bool = False) -> AdapterOutput:
         """Token-aligned ``logits (B, N, V)`` and, with ``unmasked (B, N)``, ``s (B, N)`` for ``input_ids (B, N)``;
-        fresh at least at positions ``fresh[0] <= i < fresh[1]`` (module docstring for the others)."""
+        fresh at least at positions ``fresh[0] <= i < fresh[1]`` (module docstring for the others).
+        ``logits_fresh_only``: the logits of the fresh positions alone, ``(B, fresh[1] - fresh[0], V)``, the LM
+        head run on their rows only (``adapter.forward``'s ``logits_span``); no full-length logits kept."""
         first, end = fresh
         N = input_ids.shape[1]
         if not 0 <= first < end <= N:
             raise ValueError(f"`fresh` must be positions 0 <= first < end <= {N}, got {fresh}")
         fed = (max(first - int(self.adapter.shift), 0), N if self.lookahead is None else min(end + self.lookahead, N))
-        if fed != self.fed or (unmasked is None) != (self.s is None):
-            self._full_forward(input_ids, fed, unmasked)
+        span = fresh if logits_fresh_only else None
+        if fed != self.fed or (unmasked is None) != (self.s is None) or (span is None and self.logits is None):
+            logits = self._full_forward(input_ids, fed, unmasked, span)
         else:
-            self._cached_forward(input_ids, first, unmasked)
-        return AdapterOutput(logits=self.logits, s=self.s)
+            logits = self._cached_forward(input_ids, first, unmasked, span)
+        return AdapterOutput(logits=logits, s=self.s)
 
-    def _full_forward(self, input_ids, fed, unmasked):
-        raw, s_rows = self.runner.prefill(input_ids, self.attention_mask, unmasked)
-        self.logits = self.adapter.token_logits(raw)
+    def _full_forward(self, input_ids, fed, unmasked, span):
+        with self.adapter._logits_of(span, input_ids.shape[1]) as token_logits:
+            raw, s_rows = self.runner.prefill(input_ids, self.attention_mask, unmasked)
+        logits = token_logits(raw)
+        self.logits = logits if span is None else None  # the full-length logits the cached steps update
         self.s = None if s_rows is None else self._token_s(s_rows)
         start, end = fed
         self.runner.keep_outside(start, end)
@@ -147,20 +154,25 @@ class BlockCache:
         self.key_order = torch.cat([positions[:start], positions[end:], positions[start:end]])
         self.position_ids = positions[None] if self.attention_mask is None else position_ids_for(self.attention_mask)
         self.fed = fed
+        return logits
 
-    def _cached_forward(self, input_ids, first, unmasked):
+    def _cached_forward(self, input_ids, first, unmasked, span):
         start, end = self.fed
         mask = self.attention_mask
-        raw, s_rows = self.runner.step(
-            input_ids[:, start:end],
-            self.position_ids[:, start:end],
-            None if mask is None else mask[:, self.key_order],
-            None if unmasked is None else unmasked[:, self.key_order],
-        )
-        # Fed row i is position start + i; with a shift the row before `first` predicts it (fed for that reason).
-        self.logits[:, first:end] = self.adapter.token_logits(raw)[:, first - start:]
+        with self.adapter._logits_of(span, end - start, first_row=start) as fresh_logits:
+            raw, s_rows = self.runner.step(
+                input_ids[:, start:end],
+                self.position_ids[:, start:end],
+                None if mask is None else mask[:, self.key_order],
+                None if unmasked is None else unmasked[:, self.key_order],
+            )
         if s_rows is not None:
             self.s[:, first:end] = self._token_s(s_rows, start)[:, first - start:]
+        if span is not None:
+            return fresh_logits(raw)
+        # Fed row i is position start + i; with a shift the row before `first` predicts it (fed for that reason).
+        self.logits[:, first:end] = self.adapter.token_logits(raw)[:, first - start:]
+        return self.logits
 
     def _token_s(self, s_rows, start: int = 0):
         """Per-row S of rows ``start..`` → per token; padded tokens get 0, as ``adapter.forward`` gives."""

@@ -228,27 +228,28 @@ class DiffusionLMAdapter:
         return torch.cat([torch.zeros_like(per_row[:, :1]), per_row[:, :-1]], dim=1)
 
     @contextmanager
-    def _logits_of(self, logits_span: Optional[tuple[int, int]], N: int):
+    def _logits_of(self, logits_span: Optional[tuple[int, int]], rows_in: int, first_row: int = 0):
         """Within it, the model's LM head runs on the predictor rows of the tokens in ``logits_span`` only (all
-        rows when None); yields the function that turns the model's raw logits into token-aligned ones."""
+        rows when None); yields the function that turns the model's raw logits into token-aligned ones. The
+        head gets ``rows_in`` rows, those of positions ``first_row..`` (a cached step feeds a window)."""
         if logits_span is None:
             yield self.token_logits
             return
         first, end = logits_span
-        head = _output_head(self.model)
-        if head is None:
-            yield lambda raw: self.token_logits(raw)[:, first:end]  # no head of its own to narrow: slice
-            return
         if self.shift and first == 0:  # token 0 has no predictor row and takes row 0 (token_logits)
             rows = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(end - 1)]).to(self.device)
         else:
-            rows = slice(first - self.shift, end - self.shift)
+            rows = slice(first - self.shift - first_row, end - self.shift - first_row)
+        head = _output_head(self.model)
+        if head is None:  # no head of its own to narrow: every row's logits, then the span's
+            yield lambda raw: raw[:, rows]
+            return
 
         def narrow(module, args):
             hidden = args[0]
-            if hidden.ndim != 3 or hidden.shape[1] != N:
+            if hidden.ndim != 3 or hidden.shape[1] != rows_in:
                 raise RuntimeError(f"logits_span: {type(self.model).__name__}'s output head got hidden states of "
-                                   f"shape {tuple(hidden.shape)}, not (B, N={N}, hidden): cannot pick rows")
+                                   f"shape {tuple(hidden.shape)}, not (B, {rows_in}, hidden): cannot pick rows")
             return (hidden[:, rows], *args[1:])
 
         handle = head.register_forward_pre_hook(narrow)

@@ -413,7 +413,8 @@ def generate(
         # Fresh logits for the active blocks of the unfinished rows, lowest to highest.
         fresh = (P + lowest * L, P + (highest + 1) * L)
         if block_cache is not None:
-            out, span = block_cache.forward(x, fresh, unmasked=unmasked), (0, P + R)
+            span = (0, P + R) if all_response_logits else fresh
+            out = block_cache.forward(x, fresh, unmasked=unmasked, logits_fresh_only=not all_response_logits)
         elif narrow_logits:
             span = (P, P + R) if all_response_logits else fresh
             out = adapter.forward(x, attention_mask, unmasked=unmasked, logits_span=span)
