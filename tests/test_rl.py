@@ -441,3 +441,40 @@ def test_update_loss_is_the_mean_over_rows_of_each_rows_token_mean(tmp_path, for
     expected = _naive_loss(logits.double(), rows, 0.2, 0.2, 0.05).item() / 5
     assert result["rows"] == 5 and result["loss"] == pytest.approx(expected, rel=1e-5)
     assert result["supervised_tokens"] == int((rows.weights > 0).sum())
+
+
+def test_training_forwards_compute_the_supervised_columns_only(tmp_path, monkeypatch):
+    """The update's forward and the logp_old pass run the LM head on the chunk's supervised columns (never the
+    prompt); the loss, the weights after the update and the log-probs equal those from every column's logits."""
+    import agdo.training.loop
+    import agdo.training.rl
+
+    trainers = [_one_step_trainer(tmp_path / name, "tracerl", forward_batch_size=3) for name in ("narrow", "full")]
+    try:
+        assert_same_weights(params(trainers[0].adapter), params(trainers[1].adapter))
+        records = [trainers[0].dataset[i] for i in range(4)]
+        rollouts = trainers[0]._rollout(records, epoch=0)
+        advantages, keep, _ = group_advantages(torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1], [1, 1, 0, 0], [0, 1, 0, 1]]))
+        clock = __import__("agdo.training.rl", fromlist=["_Clock"])._Clock()
+        rows, _ = trainers[0]._rows(rollouts, advantages, keep, records, 0, clock)
+        head_rows = []
+        head = trainers[0].adapter.model.get_output_embeddings()
+        hook = head.register_forward_hook(lambda module, args, output: head_rows.append(output.shape[1]))
+        try:
+            narrowed_logp = trainers[0]._token_logprobs(trainers[0].model, rows)
+            narrowed = trainers[0].optimizer_update([rows], trainers[0]._loss)
+        finally:
+            hook.remove()
+        every_column = lambda pieces: [(0, piece.weights.shape[1]) for piece in pieces]  # noqa: E731
+        monkeypatch.setattr(agdo.training.loop, "supervised_columns", every_column)
+        monkeypatch.setattr(agdo.training.rl, "supervised_columns", every_column)
+        full_logp = trainers[1]._token_logprobs(trainers[1].model, rows)
+        full = trainers[1].optimizer_update([rows], trainers[1]._loss)
+    finally:
+        for trainer in trainers:
+            trainer.rewards.close()
+    N, P = rows.weights.shape[1], rollouts.response_start
+    assert head_rows and all(columns <= N - P for columns in head_rows)  # the response's columns at most
+    torch.testing.assert_close(narrowed_logp, full_logp, atol=1e-6, rtol=1e-5)
+    assert narrowed["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    assert_same_weights(params(trainers[0].adapter), params(trainers[1].adapter), exact=False, atol=1e-6)

@@ -155,7 +155,7 @@ class DiffusionLMAdapter:
             if not return_logits:
                 raise ValueError("return_logits=False needs a statistic: pass `unmasked`, `response_start` or "
                                  "`influence_query_mask`")
-            with padded_route, self._logits_of(logits_span, N) as token_logits:
+            with padded_route, self._logits_of(logits_span, N, model=runner) as token_logits:
                 return AdapterOutput(token_logits(runner(**inputs).logits))
 
         request = StatisticsRequest(
@@ -175,7 +175,7 @@ class DiffusionLMAdapter:
         logits = None
         try:
             with padded_route, self._family.hook(self._layer_target(layer), capture), \
-                    self._logits_of(logits_span, N) as token_logits:  # fmt: skip
+                    self._logits_of(logits_span, N, model=runner) as token_logits:  # fmt: skip
                 logits = token_logits(runner(**inputs).logits)
         except ForwardStopped:  # raised only when stop_forward: the statistics are in, the rest was not needed
             pass
@@ -186,7 +186,7 @@ class DiffusionLMAdapter:
             if attention_mask is not None:
                 s = s * attention_mask
         return AdapterOutput(
-            logits=logits,
+            logits=logits if return_logits else None,  # a forward that had to run whole computed them anyway
             s=s,
             s0=statistics.s0,
             abar_rr=statistics.abar_rr,
@@ -228,10 +228,12 @@ class DiffusionLMAdapter:
         return torch.cat([torch.zeros_like(per_row[:, :1]), per_row[:, :-1]], dim=1)
 
     @contextmanager
-    def _logits_of(self, logits_span: Optional[tuple[int, int]], rows_in: int, first_row: int = 0):
-        """Within it, the model's LM head runs on the predictor rows of the tokens in ``logits_span`` only (all
-        rows when None); yields the function that turns the model's raw logits into token-aligned ones. The
-        head gets ``rows_in`` rows, those of positions ``first_row..`` (a cached step feeds a window)."""
+    def _logits_of(self, logits_span: Optional[tuple[int, int]], rows_in: int, first_row: int = 0,
+                   model: Optional[nn.Module] = None):
+        """Within it, the LM head of ``model`` (default ``self.model``; a DDP/FSDP/DeepSpeed wrapper is looked
+        through) runs on the predictor rows of the tokens in ``logits_span`` only (all rows when None); yields
+        the function that turns the model's raw logits into token-aligned ones. The head gets ``rows_in`` rows,
+        those of positions ``first_row..`` (a cached step feeds a window)."""
         if logits_span is None:
             yield self.token_logits
             return
@@ -240,23 +242,24 @@ class DiffusionLMAdapter:
             rows = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(end - 1)]).to(self.device)
         else:
             rows = slice(first - self.shift - first_row, end - self.shift - first_row)
-        head = _output_head(self.model)
-        if head is None:  # no head of its own to narrow: every row's logits, then the span's
-            yield lambda raw: raw[:, rows]
-            return
+        head = _output_head(_unwrapped(self.model if model is None else model))
+        narrowed = []
 
         def narrow(module, args):
             hidden = args[0]
             if hidden.ndim != 3 or hidden.shape[1] != rows_in:
                 raise RuntimeError(f"logits_span: {type(self.model).__name__}'s output head got hidden states of "
                                    f"shape {tuple(hidden.shape)}, not (B, {rows_in}, hidden): cannot pick rows")
+            narrowed.append(True)
             return (hidden[:, rows], *args[1:])
 
-        handle = head.register_forward_pre_hook(narrow)
+        # A model without a head module of its own (or one that never calls it) computes every row: sliced.
+        handle = None if head is None else head.register_forward_pre_hook(narrow)
         try:
-            yield lambda raw: raw
+            yield lambda raw: raw if narrowed else raw[:, rows]
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
 
     def _predictor_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token mask → mask of their predictor rows."""
@@ -289,6 +292,13 @@ def _output_head(model: nn.Module) -> Optional[nn.Linear]:
     except (AttributeError, NotImplementedError):
         return None
     return head if isinstance(head, nn.Linear) else None
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DDP / FSDP (1) / DeepSpeed wrappers (each keeps it as ``.module``)."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
 
 
 def _check_span(span, N: int) -> None:
