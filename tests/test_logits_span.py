@@ -204,3 +204,21 @@ def test_cached_decoding_with_fresh_logits_equals_the_full_length_cache(adapters
         assert len(calls) == fresh_only.num_steps and all(rows % L == 0 and rows <= R for rows in calls)
         if setting != "threshold":
             assert calls == [L] * fresh_only.num_steps
+
+
+def test_a_head_called_on_another_layout_is_left_whole_and_its_logits_sliced(adapters):
+    """A model that flattens the hidden states before its head (and restores the layout after) computes every
+    row; the span's logits are then cut from them."""
+    adapter = adapters["qwen2_gqa_shifted"]
+    input_ids, attention_mask, _, _ = batch()
+    head = adapter.model.get_output_embeddings()
+    full = adapter.forward(input_ids, attention_mask).logits
+    hooks = [head.register_forward_pre_hook(lambda module, args: (args[0].flatten(0, 1),)),
+             head.register_forward_hook(lambda module, args, output: output.view(B, -1, output.shape[-1]))]
+    try:
+        part = adapter.forward(input_ids, attention_mask, logits_span=(P, N)).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert part.shape == (B, N - P, adapter.vocab_size)
+    assert torch.equal(part, full[:, P:])  # the same rows computed: bit for bit

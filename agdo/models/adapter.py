@@ -247,13 +247,12 @@ class DiffusionLMAdapter:
 
         def narrow(module, args):
             hidden = args[0]
-            if hidden.ndim != 3 or hidden.shape[1] != rows_in:
-                raise RuntimeError(f"logits_span: {type(self.model).__name__}'s output head got hidden states of "
-                                   f"shape {tuple(hidden.shape)}, not (B, {rows_in}, hidden): cannot pick rows")
+            if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3 or hidden.shape[1] != rows_in:
+                return None  # not the (B, rows, hidden) layout this expects: left whole, sliced below
             narrowed.append(True)
             return (hidden[:, rows], *args[1:])
 
-        # A model without a head module of its own (or one that never calls it) computes every row: sliced.
+        # A model without a head module of its own (or one that calls it otherwise) computes every row: sliced.
         handle = None if head is None else head.register_forward_pre_hook(narrow)
         try:
             yield lambda raw: raw if narrowed else raw[:, rows]
