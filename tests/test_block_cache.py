@@ -23,7 +23,7 @@ from agdo.models._capture import LayerCapture, StatisticsRequest
 from agdo.sampling import SamplerConfig, generate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_models import edited_llada_dir, generic_model, remote_model_dir  # noqa: E402
+from test_models import edited_llada_dir, family_adapters  # noqa: E402
 
 CASES = ["qwen2_gqa_shifted", "llama_mha", "dream", "llada"]
 # A mode is a cache setting: "prefix+3" = cache="prefix" with cache_lookahead=3 (not LLaDA, like "dual").
@@ -41,18 +41,7 @@ def llada_ignoring_layer_past(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    adapters = {
-        "qwen2_gqa_shifted": load_adapter(generic_model("qwen2_gqa_shifted")),
-        "llama_mha": load_adapter(generic_model("llama_mha")),
-        "dream": load_adapter(remote_model_dir(root, "tiny_dream")),
-        "llada": load_adapter(remote_model_dir(root, "tiny_llada")),
-    }
-    for name, adapter in adapters.items():
-        # float64 for the exactness checks; the LLaDA fixture builds its padding bias in float32, whose
-        # minimum the capture would not recognise as a mask in float64.
-        adapter.model.to(torch.float32 if name == "llada" else torch.float64)
-    return adapters
+    return family_adapters(tmp_path_factory.mktemp("checkpoints"), float64=True)  # float64: exactness checks
 
 
 def state(padded: bool):

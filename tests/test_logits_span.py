@@ -18,24 +18,16 @@ from agdo.models import load_adapter
 from agdo.sampling import SamplerConfig, generate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_models import FAMILY_CASES, B, N, P, batch, generic_model, remote_model_dir  # noqa: E402
+from test_models import FAMILY_CASES, B, N, P, batch, family_adapters, remote_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    adapters = {
-        "qwen2_gqa_shifted": load_adapter(generic_model("qwen2_gqa_shifted")),
-        "llama_mha": load_adapter(generic_model("llama_mha")),
-        "dream": load_adapter(remote_model_dir(root, "tiny_dream")),
-        "llada": load_adapter(remote_model_dir(root, "tiny_llada")),
-        # The output head is the input embedding (LLaDA's weight_tying): no head of its own to narrow.
-        "llada_tied": load_adapter(remote_model_dir(tmp_path_factory.mktemp("tied"), "tiny_llada", weight_tying=True)),
-    }
-    for name, adapter in adapters.items():
-        # float64, so that decoding cannot flip on rounding; LLaDA's fixture builds its padding bias in float32
-        # (test_block_cache.py).
-        adapter.model.to(torch.float32 if name.startswith("llada") else torch.float64)
+    # float64, so that decoding cannot flip on rounding (LLaDA float32: test_models.family_adapters)
+    adapters = family_adapters(tmp_path_factory.mktemp("checkpoints"), float64=True)
+    # The output head is the input embedding (LLaDA's weight_tying): no head of its own to narrow.
+    adapters["llada_tied"] = load_adapter(remote_model_dir(tmp_path_factory.mktemp("tied"), "tiny_llada",
+                                                           weight_tying=True))
     return adapters
 
 

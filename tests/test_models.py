@@ -106,15 +106,25 @@ def write_random_weights(directory: Path, seed: int) -> None:
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
 
 
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {
+def family_adapters(root: Path, *, float64: bool = False) -> dict:
+    """An adapter per family case (``FAMILY_CASES``), remote-code checkpoints written under ``root``.
+    ``float64``: the models in float64 (exactness checks), except LLaDA, whose fixture builds its padding bias
+    in float32 — a minimum the capture would not recognise as a mask in float64."""
+    adapters = {
         "qwen2_gqa_shifted": load_adapter(generic_model("qwen2_gqa_shifted")),
         "llama_mha": load_adapter(generic_model("llama_mha")),
         "dream": load_adapter(remote_model_dir(root, "tiny_dream")),
         "llada": load_adapter(remote_model_dir(root, "tiny_llada")),
     }
+    if float64:
+        for name, adapter in adapters.items():
+            adapter.model.to(torch.float32 if name == "llada" else torch.float64)
+    return adapters
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    return family_adapters(tmp_path_factory.mktemp("checkpoints"))
 
 
 FAMILY_CASES = ["qwen2_gqa_shifted", "llama_mha", "dream", "llada"]
