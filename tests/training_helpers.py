@@ -89,20 +89,16 @@ def launch_unavailable(result) -> bool:
 
 def script_forward(trainer, logits, chunk_sizes: Optional[list] = None) -> None:
     """Make ``trainer``'s adapter a scripted model: row ``m`` of any chunk gets ``logits[input_ids[m, 0]]``
-    (tests put the row id in the ids; with ``logits_span``, those columns only), still connected to the
-    model's parameters so that backward and the optimizer step run; ``chunk_sizes`` collects the rows of each
-    forward."""
+    (tests put the row id in the ids), still connected to the model's parameters so that backward and the
+    optimizer step run; ``chunk_sizes`` collects the rows of each forward."""
     from agdo.models.adapter import AdapterOutput
 
     anchor = next(trainer.model.parameters())
 
-    def scripted(input_ids, attention_mask=None, *, logits_span=None, **_):
+    def scripted(input_ids, attention_mask=None, **_):
         if chunk_sizes is not None:
             chunk_sizes.append(input_ids.shape[0])
-        rows = logits[input_ids[:, 0]]
-        if logits_span is not None:
-            rows = rows[:, logits_span[0]:logits_span[1]]
-        return AdapterOutput(rows + 0 * anchor.sum())
+        return AdapterOutput(logits[input_ids[:, 0]] + 0 * anchor.sum())
 
     trainer.adapter.forward = scripted
 

@@ -123,33 +123,6 @@ def _accumulate_only(accelerator: Accelerator, model):
 LossFunction = Callable[[torch.Tensor, NamedTuple], tuple[torch.Tensor, dict]]
 
 
-def supervised_columns(pieces: list) -> list[tuple[int, int]]:
-    """Per chunk of rows, ``(first, end)``: the columns holding every supervised token (``weights != 0``), so
-    that its forward computes only their logits (``adapter.forward(logits_span=...)``; the prompt never is
-    supervised); all columns when none is. One host sync for all chunks."""
-    if not pieces:
-        return []
-    bounds = []
-    for rows in pieces:
-        supervised = rows.weights.ne(0).any(0)
-        column = torch.arange(supervised.numel(), device=supervised.device)
-        bounds.append(torch.stack([torch.where(supervised, column, supervised.numel()).min(),
-                                   torch.where(supervised, column + 1, 0).max()]))
-    spans = []
-    for rows, (first, end) in zip(pieces, torch.stack(bounds).tolist()):
-        spans.append((first, end) if first < end else (0, rows.weights.shape[1]))
-    return spans
-
-
-def columns_of(rows: NamedTuple, span: tuple[int, int]) -> NamedTuple:
-    """``rows`` with every per-token ``(M, N)`` field cut to the columns ``span`` (per-row fields kept), to
-    line up with the logits of that span."""
-    M, N = rows.weights.shape
-    first, end = span
-    return rows._replace(**{name: value[:, first:end] for name, value in rows._asdict().items()
-                            if isinstance(value, torch.Tensor) and value.shape[:2] == (M, N)})
-
-
 class Trainer:
     """The shared loop. Subclasses set ``name``, ``batches_per_step``, ``per_device_batch_size`` and
     ``updates_per_step`` and implement :meth:`step` (and :meth:`collate`)."""
@@ -309,7 +282,7 @@ class Trainer:
         size = max(unit, self.config.forward_batch_size // unit * unit)
         pieces = [piece for part in rows for piece in chunks(part, size)]
         self.model.train()
-        # Sums stay on the device: one host sync for the chunks' supervised columns, one for the sums.
+        # Sums stay on the device: one host sync for the whole update, not one per chunk.
         loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         stats = {}
         if not pieces:  # other processes have rows: this one must still join the gradient all-reduce, and
@@ -318,12 +291,10 @@ class Trainer:
             no_logits = torch.zeros(*empty[0].shape, self.adapter.vocab_size, device=accelerator.device)
             stats = {k: torch.as_tensor(v, dtype=torch.float64, device=accelerator.device)
                      for k, v in loss_fn(no_logits, empty)[1].items()}
-        spans = supervised_columns(pieces)  # the LM head runs on each chunk's supervised columns only
-        for i, (piece, span) in enumerate(zip(pieces, spans)):
+        for i, piece in enumerate(pieces):
             with contextlib.nullcontext() if i == len(pieces) - 1 else _accumulate_only(accelerator, self.model):
-                logits = self.adapter.forward(piece.input_ids, piece.attention_mask, model=self.model,
-                                              logits_span=span).logits
-                piece_loss, piece_stats = loss_fn(logits, columns_of(piece, span))
+                logits = self.adapter.forward(piece.input_ids, piece.attention_mask, model=self.model).logits
+                piece_loss, piece_stats = loss_fn(logits, piece)
                 accelerator.backward(piece_loss / total_rows * scale)
             loss_sum = loss_sum + piece_loss.detach().double()
             for k, v in piece_stats.items():

@@ -86,7 +86,7 @@ from torch.utils.data import Dataset
 from .. import orders
 from ..sampling import SamplerConfig, generate
 from . import mdpo
-from .loop import Trainer, TrainingArguments, chunks, select_rows, supervised_columns
+from .loop import Trainer, TrainingArguments, select_rows
 from .masking import (MaskedRows, concat_rows, coupled_rows, mean_field_rows, order_rows, sample_generator,
                       token_logprobs)
 
@@ -694,15 +694,12 @@ class RLTrainer(Trainer):
     def _token_logprobs(self, model, rows: RLRows) -> torch.Tensor:
         """``(M, N)`` log-probs of the targets at supervised positions under ``model`` (0 elsewhere)."""
         out = torch.zeros(rows.weights.shape, dtype=torch.float32, device=rows.weights.device)
-        pieces = list(chunks(rows, self.config.forward_batch_size))
-        for start, piece, (first, end) in zip(range(0, rows.input_ids.shape[0], self.config.forward_batch_size),
-                                              pieces, supervised_columns(pieces)):
+        for start in range(0, rows.input_ids.shape[0], self.config.forward_batch_size):
+            part = slice(start, start + self.config.forward_batch_size)
             with self.accelerator.autocast():
-                logits = self.adapter.forward(piece.input_ids, piece.attention_mask, model=model,
-                                              logits_span=(first, end)).logits
-            supervised = piece.weights[:, first:end] > 0
-            out[start:start + len(piece.input_ids), first:end][supervised] = token_logprobs(
-                logits, piece.targets[:, first:end], supervised)
+                logits = self.adapter.forward(rows.input_ids[part], rows.attention_mask[part], model=model).logits
+            supervised = rows.weights[part] > 0
+            out[part][supervised] = token_logprobs(logits, rows.targets[part], supervised)
         return out
 
     def _with_old_and_reference(self, rows: RLRows) -> RLRows:
