@@ -7,6 +7,7 @@ over fewer rows), the LM head must see only the span's predictor rows, and decod
 must equal decoding with full ones (float64 models, where rounding cannot flip a choice).
 """
 
+import copy
 import dataclasses
 import sys
 from pathlib import Path
@@ -214,3 +215,37 @@ def test_a_head_called_on_another_layout_is_left_whole_and_its_logits_sliced(ada
             hook.remove()
     assert part.shape == (B, N - P, adapter.vocab_size)
     assert torch.equal(part, full[:, P:])  # the same rows computed: bit for bit
+
+
+class Wrapper(torch.nn.Module):
+    """Stands in for DDP / FSDP / DeepSpeed: the model as ``.module``, the forward passed through."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["another_model", "another_model_wrapped"])
+@torch.no_grad()
+def test_span_of_the_module_run_is_narrowed_there(adapters, wrapped):
+    """``model=``: the head narrowed is that of the module run (looking through a wrapper), e.g. RL's
+    reference model, a copy with other weights."""
+    adapter = adapters["dream"]
+    other = copy.deepcopy(adapter.model)
+    for parameter in other.parameters():
+        parameter.add_(0.01 * torch.randn_like(parameter))
+    runner = Wrapper(other) if wrapped else other
+    input_ids, attention_mask, _, _ = batch(seed=4)
+    full = adapter.forward(input_ids, attention_mask, model=runner).logits
+    calls = []
+    hook = other.get_output_embeddings().register_forward_hook(lambda module, args, output: calls.append(output.shape[1]))
+    try:
+        part = adapter.forward(input_ids, attention_mask, model=runner, logits_span=(P, N)).logits
+    finally:
+        hook.remove()
+    assert calls == [N - P]
+    close(part, full[:, P:], adapter)
+    assert not torch.allclose(part, adapter.forward(input_ids, attention_mask, logits_span=(P, N)).logits)
