@@ -185,6 +185,18 @@ def main(argv=None) -> None:
     except (TypeError, ValueError, FileNotFoundError) as err:
         command.error(str(err))
     run(config)
+    end_processes()
+
+
+def end_processes() -> None:
+    """Under ``accelerate launch``: every process waits for the others, then the process group is destroyed, so
+    that no process exits while another still talks to it (gloo then aborts the exiting one: "terminate called
+    without an active exception"). Nothing in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

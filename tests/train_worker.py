@@ -113,6 +113,9 @@ def main(argv):
         adapter, prompts = build_tiny_rl_run()
         train_rl(build_config(RLConfig, None, [f"output_dir={output_dir}", *overrides]), adapter=adapter,
                  prompts=prompts)
+    from agdo.cli import end_processes
+
+    end_processes()  # as `agdo` does after every command
 
 
 if __name__ == "__main__":
