@@ -21,7 +21,8 @@ class AdapterOutput(NamedTuple):
     """Per-TOKEN outputs; ``None`` for what was not asked.
 
     logits ``(B, N, V)``: ``logits[:, i]`` predicts token ``i`` (``None`` from a ``return_logits=False``
-    forward; ``(B, end - first, V)`` for tokens ``first..end-1`` from a ``logits_span`` forward). s ``(B, N)``: valid attention of each token's predictor row. s0 ``(B, R)``, abar_rr
+    forward; ``(B, end - first, V)`` for tokens ``first..end-1`` from a ``logits_span`` forward).
+    s ``(B, N)``: valid attention of each token's predictor row. s0 ``(B, R)``, abar_rr
     ``(B, R, R)``: response block. influence ``(B, N)``: per key.
     """
 
@@ -122,8 +123,8 @@ class DiffusionLMAdapter:
             logits_span: ``(first, end)``: the logits of tokens ``first <= i < end`` only, ``(B, end - first, V)``
                 (a decoding step reads one block, not ``N x vocab`` logits). The LM head then runs on those
                 tokens' predictor rows alone — equal to the slice of the full logits up to the rounding of the
-                head's matmul over fewer rows (bitwise on CPU). A model whose output head is its input
-                embedding (LLaDA with ``weight_tying``) computes every row and is sliced.
+                head's matmul over fewer rows (which can differ in the last bits, on CPU too). A model whose
+                output head is its input embedding (LLaDA with ``weight_tying``) computes every row and is sliced.
 
         Under grad the logits carry gradient as usual; statistics never do. The logits are bitwise the same
         whatever statistics are asked (the model's own attention always produces every layer's output).
