@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -241,7 +242,7 @@ def test_span_of_the_module_run_is_narrowed_there(adapters, wrapped):
     input_ids, attention_mask, _, _ = batch(seed=4)
     full = adapter.forward(input_ids, attention_mask, model=runner).logits
     calls = []
-    hook = other.get_output_embeddings().register_forward_hook(lambda module, args, output: calls.append(output.shape[1]))
+    hook = head_rows(SimpleNamespace(model=other), calls)
     try:
         part = adapter.forward(input_ids, attention_mask, model=runner, logits_span=(P, N)).logits
     finally:
