@@ -11,6 +11,9 @@ this module prepares the inputs on the right device first. Inputs arrive validat
   data is 16-byte aligned (the kernels copy 16-byte chunks); other layouts are copied to contiguous first.
   Each program writes its head's row to a ``(B, H, ·)`` float32 buffer and the head average is one torch
   sum afterwards (deterministic, no atomics), as on the Triton backend.
+
+Without a GPU, tests/test_cuda_emulated.py runs these functions on CPU tensors: it swaps ``_extension`` for the
+same sources compiled against a CPU emulator (tests/cuda_emulator) and ``_launch_target`` for a host "stream".
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ def unavailable_reason():
     return None
 
 
+def _launch_target(device):
+    """``(device guard, device index, stream)`` of a launch on ``device``: the current stream of that device."""
+    return torch.cuda.device(device), device.index, torch.cuda.current_stream(device).cuda_stream
+
+
 def greedy_order(abar_rr, s0, valid, step_size, block_size, block_mode):
     B, R = s0.shape
     if R > _extension.GREEDY_MAX_LENGTH:
@@ -60,7 +68,8 @@ def greedy_order(abar_rr, s0, valid, step_size, block_size, block_mode):
         )
     rank = torch.empty((B, R), dtype=torch.int32, device=s0.device)
     if B > 0 and R > 0:
-        with torch.cuda.device(s0.device):
+        guard, device_index, stream = _launch_target(s0.device)
+        with guard:
             columns = abar_rr.to(torch.float32).transpose(1, 2).contiguous()  # a picked column is contiguous
             scores = s0.to(torch.float32).contiguous()
             valid_bytes = valid.contiguous().view(torch.uint8)
@@ -73,8 +82,8 @@ def greedy_order(abar_rr, s0, valid, step_size, block_size, block_mode):
                 R,
                 step_size,
                 greedy_window(R, block_size, block_mode),
-                s0.device.index,
-                torch.cuda.current_stream(s0.device).cuda_stream,
+                device_index,
+                stream,
             )
     return dense_steps(rank, block_size)
 
@@ -143,7 +152,8 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
     device = q.device
     if B * H * Nq == 0:
         return empty_valid_attention(q, d, return_output, return_lse)
-    with torch.cuda.device(device):
+    guard, device_index, stream = _launch_target(device)
+    with guard:
         q_in, q_stride = _kernel_layout(q)
         k_in, k_stride = _kernel_layout(k)
         v_in, v_stride = _kernel_layout(v) if return_output else (None, (0, 0, 0))
@@ -157,7 +167,7 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
             q_stride, k_stride, v_stride, flags.data_ptr(), s_part.data_ptr(),
             out.data_ptr() if return_output else 0, lse.data_ptr() if return_lse else 0,
             B, H, Hkv, Nq, N, flags.shape[1], d, _attention_dtype_code(q.dtype), float(scale) * _LOG2E,
-            device.index, torch.cuda.current_stream(device).cuda_stream,
+            device_index, stream,
         )  # fmt: skip
     s = s_part.sum(1) / H
     return s, out, lse
@@ -171,7 +181,8 @@ def influence_sum(q, k, lse, attention_mask, query_mask, scale):
     device = q.device
     if B * H * N == 0:
         return torch.zeros(B, N, dtype=torch.float32, device=device)
-    with torch.cuda.device(device):
+    guard, device_index, stream = _launch_target(device)
+    with guard:
         q_in, q_stride = _kernel_layout(q)
         k_in, k_stride = _kernel_layout(k)
         flags = _key_flags(B, N, attention_mask, None, device)
@@ -188,6 +199,6 @@ def influence_sum(q, k, lse, attention_mask, query_mask, scale):
         _extension.influence_sum(
             q_in.data_ptr(), k_in.data_ptr(), q_stride, k_stride, lse2.data_ptr(), flags.data_ptr(),
             part.data_ptr(), B, H, Hkv, N, flags.shape[1], d, _attention_dtype_code(q.dtype),
-            float(scale) * _LOG2E, device.index, torch.cuda.current_stream(device).cuda_stream,
+            float(scale) * _LOG2E, device_index, stream,
         )  # fmt: skip
     return part.sum(1) / H
