@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -57,6 +58,20 @@ def oracle_abar(q, k, attention_mask=None, scale=None):
         logits = logits.masked_fill(~attention_mask[:, None, None, :], float("-inf"))
     probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
     return probs.mean(1)
+
+
+def oracle_lse(q, k, attention_mask):
+    """Natural-log logsumexp of every row's logits over its real keys ``(B, H, N)``, float64 (-inf without any)."""
+    g = q.shape[1] // k.shape[1]
+    logits = torch.einsum("bhid,bhkd->bhik", q.double(), k.double().repeat_interleave(g, 1)) * q.shape[-1] ** -0.5
+    return torch.logsumexp(logits.masked_fill(~attention_mask[:, None, None, :], float("-inf")), -1)
+
+
+def gqa_sdpa(q, k, v, attention_mask):
+    """torch SDPA with the kv heads repeated for GQA and a ``(B, N)`` key mask, in the inputs' precision."""
+    g = q.shape[1] // k.shape[1]
+    mask = None if attention_mask is None else attention_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask)
 
 
 def oracle_influence(q, k, attention_mask, query_mask, norm):

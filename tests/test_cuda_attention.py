@@ -14,11 +14,10 @@ from unittest import mock
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import agdo_kernels
 from agdo_kernels import _backends, _cuda
-from conftest import oracle_abar, oracle_influence, padding_mask, stat_tolerance
+from conftest import gqa_sdpa, oracle_abar, oracle_influence, oracle_lse, padding_mask, stat_tolerance
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -82,18 +81,6 @@ def _mask(B, N, pattern):
     return padding_mask(B, N, pattern).to("cuda")
 
 
-def _sdpa(q, k, v, attention_mask):
-    g = q.shape[1] // k.shape[1]
-    mask = None if attention_mask is None else attention_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask)
-
-
-def _expected_lse(q, k, mask):
-    g = q.shape[1] // k.shape[1]
-    logits = torch.einsum("bhid,bhkd->bhik", q.double(), k.double().repeat_interleave(g, 1)) * q.shape[-1] ** -0.5
-    return torch.logsumexp(logits.masked_fill(~mask[:, None, None, :], float("-inf")), -1)
-
-
 # --- GPU: valid_attention ------------------------------------------------------------------------------
 
 
@@ -121,13 +108,13 @@ def test_valid_attention_matches_oracle(shape, dtype, pattern, u_kind, layout):
 
     has_keys = mask.any(-1)
     assert res.lse.dtype == torch.float32 and res.lse.shape == (B, H, N)
-    torch.testing.assert_close(res.lse[has_keys].double(), _expected_lse(q, k, mask)[has_keys], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(res.lse[has_keys].double(), oracle_lse(q, k, mask)[has_keys], atol=1e-4, rtol=1e-5)
     assert (res.lse[~has_keys] == 0).all() and (res.s[~has_keys] == 0).all() and (res.out[~has_keys] == 0).all()
 
     # O: the kernel's error against float64 must be comparable to SDPA's own error at the same precision.
     assert res.out.dtype == dtype and res.out.shape == (B, H, N, d)
-    expected_out = _sdpa(q.double(), k.double(), v.double(), mask)[has_keys]
-    sdpa_err = (_sdpa(q, k, v, mask)[has_keys].double() - expected_out).abs().max().item()
+    expected_out = gqa_sdpa(q.double(), k.double(), v.double(), mask)[has_keys]
+    sdpa_err = (gqa_sdpa(q, k, v, mask)[has_keys].double() - expected_out).abs().max().item()
     ours_err = (res.out[has_keys].double() - expected_out).abs().max().item()
     assert ours_err <= 2 * sdpa_err + stat_tolerance(dtype), (ours_err, sdpa_err)
 

@@ -33,11 +33,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from agdo_kernels import _cuda
 from agdo_kernels.reference import ordering as reference_ordering
-from conftest import oracle_abar, oracle_influence, padding_mask, stat_tolerance
+from conftest import gqa_sdpa, oracle_abar, oracle_influence, oracle_lse, padding_mask, stat_tolerance
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATOR = ROOT / "tests" / "cuda_emulator"
@@ -163,18 +162,6 @@ def _unmasked(B, N, kind, seed=1):
     return torch.rand(B, N, generator=torch.Generator().manual_seed(seed)) < 0.4
 
 
-def _sdpa(q, k, v, mask):
-    g = q.shape[1] // k.shape[1]
-    attn_mask = None if mask is None else mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=attn_mask)
-
-
-def _expected_lse(q, k, mask):
-    g = q.shape[1] // k.shape[1]
-    logits = torch.einsum("bhid,bhkd->bhik", q.double(), k.double().repeat_interleave(g, 1)) * q.shape[-1] ** -0.5
-    return torch.logsumexp(logits.masked_fill(~mask[:, None, None, :], float("-inf")), -1)
-
-
 HALF = [torch.float16, torch.bfloat16]
 
 # How the emulator interleaves the block's threads and lands cp.async copies (emulator.h): a missing barrier or
@@ -213,11 +200,11 @@ def test_valid_attention_matches_oracle(emulated, monkeypatch, mode, dtype, shap
     expected_s = (oracle_abar(q, k, mask).cpu() * (unmasked & mask)[:, None, :]).sum(-1) * mask
     torch.testing.assert_close(s.double(), expected_s, atol=tol, rtol=0)
     has_keys = mask.any(-1)
-    torch.testing.assert_close(lse[has_keys].double(), _expected_lse(q, k, mask)[has_keys], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(lse[has_keys].double(), oracle_lse(q, k, mask)[has_keys], atol=1e-4, rtol=1e-5)
     assert (lse[~has_keys] == 0).all() and (s[~has_keys] == 0).all() and (out[~has_keys] == 0).all()
     # O: within twice torch's own error at the same precision (plus the statistics' tolerance).
-    expected_out = _sdpa(q.double(), k.double(), v.double(), mask)[has_keys]
-    torch_err = (_sdpa(q, k, v, mask)[has_keys].double() - expected_out).abs().max().item()
+    expected_out = gqa_sdpa(q.double(), k.double(), v.double(), mask)[has_keys]
+    torch_err = (gqa_sdpa(q, k, v, mask)[has_keys].double() - expected_out).abs().max().item()
     ours_err = (out[has_keys].double() - expected_out).abs().max().item()
     assert out.dtype == dtype and ours_err <= 2 * torch_err + tol, (ours_err, torch_err)
 
@@ -241,7 +228,7 @@ def test_valid_attention_without_output_and_last_queries(emulated, dtype, d):
     tol = stat_tolerance(dtype)
     torch.testing.assert_close(s_alone.double(), expected_s, atol=tol, rtol=0)
     assert torch.equal(s_alone, s_lse)  # the same arithmetic with or without the lse store
-    torch.testing.assert_close(lse.double(), _expected_lse(q, k, mask), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), oracle_lse(q, k, mask), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(s_last.double(), expected_s[:, N - Nq :], atol=tol, rtol=0)
     torch.testing.assert_close(lse_last, lse[:, :, N - Nq :], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out_last.double(), out_full[:, :, N - Nq :].double(), atol=tol, rtol=0)
@@ -259,7 +246,7 @@ def test_influence_matches_oracle(emulated, monkeypatch, mode, dtype, d):
     q, k, _ = _qkv(B, H, Hkv, N, d, dtype, layout="bnhd", seed=5)
     mask = padding_mask(B, N, "both").cpu()
     query_mask = torch.rand(B, N, generator=torch.Generator().manual_seed(6)) < 0.6
-    lse = _expected_lse(q, k, mask).float()
+    lse = oracle_lse(q, k, mask).float()
 
     with poisoned_outputs():
         total = _cuda.influence_sum(q, k, lse, mask, query_mask, d**-0.5)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import agdo_kernels
-from conftest import DEVICE, DTYPES, oracle_abar, padding_mask, random_qkv, stat_tolerance
+from conftest import (DEVICE, DTYPES, gqa_sdpa, oracle_abar, oracle_lse, padding_mask, random_qkv,
+                      stat_tolerance)
 
 # (B, H, Hkv, N, d): odd N around the tile sizes, GQA ratios 1, 4, 7, 8, head dims 16..128.
 SHAPES = [
@@ -27,12 +27,6 @@ def _unmasked(B, N, kind, seed=1):
     return (torch.rand(B, N, generator=gen) < 0.4).to(DEVICE)
 
 
-def _sdpa(q, k, v, attention_mask):
-    g = q.shape[1] // k.shape[1]
-    mask = None if attention_mask is None else attention_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask)
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("pattern,u_kind", [("none", "random"), ("both", "random"), ("left", "full"), ("right", "empty")])
@@ -51,17 +45,15 @@ def test_matches_oracle(backend, shape, dtype, pattern, u_kind):
     assert res.s.dtype == torch.float32 and res.s.shape == (B, N)
     torch.testing.assert_close(res.s.double(), expected_s, atol=stat_tolerance(dtype), rtol=0)
 
-    g = H // Hkv
-    logits = torch.einsum("bhid,bhkd->bhik", q.double(), k.double().repeat_interleave(g, 1)) * d**-0.5
-    expected_lse = torch.logsumexp(logits.masked_fill(~mask[:, None, None, :], float("-inf")), -1)
+    expected_lse = oracle_lse(q, k, mask)
     has_keys = mask.any(-1)
     assert res.lse.dtype == torch.float32 and res.lse.shape == (B, H, N)
     torch.testing.assert_close(res.lse[has_keys].double(), expected_lse[has_keys], atol=1e-4, rtol=1e-5)
 
     # O: the kernel's error against float64 must be comparable to SDPA's own error at the same precision.
     assert res.out.dtype == dtype and res.out.shape == (B, H, N, d)
-    expected_out = _sdpa(q.double(), k.double(), v.double(), mask)[has_keys]
-    sdpa_err = (_sdpa(q, k, v, mask)[has_keys].double() - expected_out).abs().max().item()
+    expected_out = gqa_sdpa(q.double(), k.double(), v.double(), mask)[has_keys]
+    sdpa_err = (gqa_sdpa(q, k, v, mask)[has_keys].double() - expected_out).abs().max().item()
     ours_err = (res.out[has_keys].double() - expected_out).abs().max().item()
     assert ours_err <= 2 * sdpa_err + stat_tolerance(dtype), (ours_err, sdpa_err)
 
@@ -106,7 +98,7 @@ def test_float64_reference_is_exact():
     res = agdo_kernels.valid_attention(q, k, v, unmasked=unmasked, attention_mask=mask, return_output=True, backend="torch")
     expected = (oracle_abar(q, k, mask) * (unmasked & mask)[:, None, :]).sum(-1) * mask
     torch.testing.assert_close(res.s, expected, atol=1e-12, rtol=0)
-    torch.testing.assert_close(res.out, _sdpa(q, k, v, mask), atol=1e-12, rtol=0)
+    torch.testing.assert_close(res.out, gqa_sdpa(q, k, v, mask), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
