@@ -133,15 +133,15 @@ def _padded(n):
     return max(tile, (n + tile - 1) // tile * tile)
 
 
-def _key_flags(B, N, attention_mask, unmasked, device):
-    """uint8 ``(B, padded N)``: bit 0 a real key, bit 1 in U (and real); 0 past N."""
-    flags = torch.zeros(B, _padded(N), dtype=torch.uint8, device=device)
-    real = torch.ones(B, N, dtype=torch.bool, device=device) if attention_mask is None else attention_mask
-    value = real.to(torch.uint8)
+def _key_rows(B, N, attention_mask, unmasked, device):
+    """float32 ``(B, 2, padded N)``: the additive key bias (0 real, -inf padding and past N), then U as 0/1."""
+    rows = torch.zeros(B, 2, _padded(N), dtype=torch.float32, device=device)
+    rows[:, 0, N:] = float("-inf")
+    if attention_mask is not None:
+        rows[:, 0, :N].masked_fill_(~attention_mask, float("-inf"))
     if unmasked is not None:
-        value = value | ((unmasked & real).to(torch.uint8) << 1)
-    flags[:, :N] = value
-    return flags
+        rows[:, 1, :N] = unmasked if attention_mask is None else unmasked & attention_mask
+    return rows
 
 
 def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, return_lse):
@@ -157,16 +157,16 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
         q_in, q_stride = _kernel_layout(q)
         k_in, k_stride = _kernel_layout(k)
         v_in, v_stride = _kernel_layout(v) if return_output else (None, (0, 0, 0))
-        flags = _key_flags(B, N, attention_mask, unmasked, device)
+        key_rows = _key_rows(B, N, attention_mask, unmasked, device)
         # The kernel writes every element of these (each row once).
         s_part = torch.empty(B, H, Nq, dtype=torch.float32, device=device)
         out = torch.empty(B, H, Nq, d, dtype=q.dtype, device=device) if return_output else None
         lse = torch.empty(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
         _extension.valid_attention(
             q_in.data_ptr(), k_in.data_ptr(), v_in.data_ptr() if return_output else 0,
-            q_stride, k_stride, v_stride, flags.data_ptr(), s_part.data_ptr(),
+            q_stride, k_stride, v_stride, key_rows.data_ptr(), s_part.data_ptr(),
             out.data_ptr() if return_output else 0, lse.data_ptr() if return_lse else 0,
-            B, H, Hkv, Nq, N, flags.shape[1], d, _attention_dtype_code(q.dtype), float(scale) * _LOG2E,
+            B, H, Hkv, Nq, N, key_rows.shape[2], d, _attention_dtype_code(q.dtype), float(scale) * _LOG2E,
             device_index, stream,
         )  # fmt: skip
     s = s_part.sum(1) / H
@@ -185,9 +185,9 @@ def influence_sum(q, k, lse, attention_mask, query_mask, scale):
     with guard:
         q_in, q_stride = _kernel_layout(q)
         k_in, k_stride = _kernel_layout(k)
-        flags = _key_flags(B, N, attention_mask, None, device)
+        key_rows = _key_rows(B, N, attention_mask, None, device)
         # Rows that do not count (padding, query_mask False) and rows past N: lse2 = +inf, so p = 0.
-        lse2 = torch.full((B, H, flags.shape[1]), float("inf"), dtype=torch.float32, device=device)
+        lse2 = torch.full((B, H, key_rows.shape[2]), float("inf"), dtype=torch.float32, device=device)
         lse2[:, :, :N] = lse.to(torch.float32) * _LOG2E
         rows = None
         for mask in (attention_mask, query_mask):
@@ -197,8 +197,8 @@ def influence_sum(q, k, lse, attention_mask, query_mask, scale):
             lse2[:, :, :N].masked_fill_(~rows[:, None, :], float("inf"))
         part = torch.empty(B, H, N, dtype=torch.float32, device=device)  # every element written
         _extension.influence_sum(
-            q_in.data_ptr(), k_in.data_ptr(), q_stride, k_stride, lse2.data_ptr(), flags.data_ptr(),
-            part.data_ptr(), B, H, Hkv, N, flags.shape[1], d, _attention_dtype_code(q.dtype),
+            q_in.data_ptr(), k_in.data_ptr(), q_stride, k_stride, lse2.data_ptr(), key_rows.data_ptr(),
+            part.data_ptr(), B, H, Hkv, N, key_rows.shape[2], d, _attention_dtype_code(q.dtype),
             float(scale) * _LOG2E, device_index, stream,
         )  # fmt: skip
     return part.sum(1) / H

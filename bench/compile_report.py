@@ -13,6 +13,11 @@ hot-loop instructions.
     python bench/compile_report.py --arch 90 80 --out report.md             # pinned configs
     python bench/compile_report.py --arch 90 80 --all-configs --out report.md
     python bench/compile_report.py --arch 90 80 --kv-heads 8 --out report.md   # no GQA (LLaDA's layout)
+    python bench/compile_report.py --cuda --arch 90 80 --out report.md      # csrc/attention_stats.cu (nvcc)
+
+``--cuda`` reports the CUDA extension's attention kernels instead: csrc/attention_stats.cu compiled by nvcc
+(every dtype, head dim and output variant the launchers instantiate), each beside the same source with S cut
+out (its FlashAttention floor: the U load and the one FFMA per logit, and the S store).
 
 Each compile sees the arguments the real launcher passes (captured from a call on small CPU tensors, so
 pointer alignment and strides specialise as at run time) with N = 1000 keys: not a multiple of 16, as in
@@ -459,6 +464,120 @@ def toolchain() -> str:
     return f"triton {triton.__version__}, ptxas {release(90)} (sm_90) / {release(80)} (sm_80), N = {SEQ_LEN}"
 
 
+# ---------------------------------------------------------------------------------------------- CUDA kernels
+
+CUDA_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "attention_stats.cu"
+# The lines of csrc/attention_stats.cu that compute S: cut (or replaced) to make its floor.
+CUDA_S_LINES = (
+    ("      const float2 u = *reinterpret_cast<const float2*>(key_tile + kTile + 8 * j + 2 * quad_col);\n", ""),
+    ("          block_u[r] = fmaf(p, c == 0 ? u.x : u.y, block_u[r]);  // S: one FFMA per logit\n", ""),
+    ("args.s_part[index] = real_row ? u * inverse : 0.0f;", "args.s_part[index] = 0.0f;"),
+)
+_CUDA_KERNEL = re.compile(r"(valid_attention_kernel|influence_kernel)I(6__half|13__nv_bfloat16)Li(\d+)E(?:Lb([01])E)?")
+
+
+@dataclass(frozen=True)
+class CudaResult:
+    kernel: str  # "valid_attention S+O", "valid_attention S", "influence"
+    dtype: str
+    head_dim: int
+    arch: int
+    registers: int
+    stack_bytes: int
+    local_bytes: int
+    loop_paths: tuple[int, int]  # one iteration (one key or query tile), shortest and longest path
+    floor_paths: tuple[int, int] | None  # the same kernel without S (valid_attention only)
+    loop_classes: dict = field(default_factory=dict)
+
+
+def nvcc_path() -> str | None:
+    import shutil
+
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def cuda_floor_source(text: str) -> str:
+    for old, new in CUDA_S_LINES:
+        if old not in text:
+            raise ValueError(f"csrc/attention_stats.cu no longer has the S line {old.strip()!r}: update CUDA_S_LINES")
+        text = text.replace(old, new)
+    return text
+
+
+def _cuda_kernels(text: str, arch: int, workdir: Path) -> dict:
+    """``{(kernel, dtype, d, output): (resource usage, SASS)}`` of ``text`` compiled by nvcc for ``arch``."""
+    from triton import knobs
+
+    source = workdir / f"attention_stats_{arch}_{abs(hash(text))}.cu"
+    source.write_text(text)
+    cubin = source.with_suffix(".cubin")
+    subprocess.run([nvcc_path(), "-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++17", f"-I{CUDA_SOURCE.parent}",
+                    str(source), "-o", str(cubin)], check=True, capture_output=True, text=True)  # fmt: skip
+    dump = knobs.nvidia.cuobjdump.path
+    sass = subprocess.run([dump, "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+    usage = subprocess.run([dump, "-res-usage", str(cubin)], check=True, capture_output=True, text=True).stdout
+    resources = {name: dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", rest))
+                 for name, rest in re.findall(r"Function (\S+):\n(.*)", usage)}  # fmt: skip
+    parts = re.split(r"\n\s*Function : (\S+)\n", sass)
+    kernels = {}
+    for name, code in zip(parts[1::2], parts[2::2]):
+        match = _CUDA_KERNEL.search(name)
+        kind, dtype, d, output = match.groups()
+        key = (kind.removesuffix("_kernel"), "fp16" if "half" in dtype else "bf16", int(d), output == "1")
+        kernels[key] = ({k: int(v) for k, v in resources[name].items()}, code)
+    return kernels
+
+
+def compile_cuda(arch: int) -> list[CudaResult]:
+    """Every kernel of csrc/attention_stats.cu for ``arch``, valid_attention's beside its floor (no S)."""
+    text = CUDA_SOURCE.read_text()
+    with tempfile.TemporaryDirectory() as workdir:
+        shipped = _cuda_kernels(text, arch, Path(workdir))
+        floor = _cuda_kernels(cuda_floor_source(text), arch, Path(workdir))
+    results = []
+    for (kind, dtype, d, output), (usage, sass) in sorted(shipped.items()):
+        name = kind if kind == "influence" else f"{kind} {'S+O' if output else 'S'}"
+        floor_sass = floor[(kind, dtype, d, output)][1]
+        results.append(CudaResult(
+            name, dtype, d, arch, usage["REG"], usage["STACK"], usage["LOCAL"], loop_paths(sass, "MUFU.EX2"),
+            loop_paths(floor_sass, "MUFU.EX2") if kind == "valid_attention" else None,
+            instruction_classes(hot_loop(sass, "MUFU.EX2")),
+        ))  # fmt: skip
+    return results
+
+
+def render_cuda_table(results: list[CudaResult]) -> str:
+    """Markdown, one table per target; ``per tile`` is what one iteration issues (shortest-longest path: the
+    last tile issues no loads), ``S / floor`` compares it with the same kernel without S."""
+    lines = []
+    for arch in sorted({r.arch for r in results}, reverse=True):
+        lines += [
+            f"csrc/attention_stats.cu, sm_{arch} (64-row tiles, 4 warps):",
+            "",
+            "| kernel | dtype | d | regs | stack/local B | per tile | floor per tile | S / floor | "
+            + " | ".join(name for name, _ in INSTRUCTION_CLASSES) + " |",
+            "|---" * (8 + len(INSTRUCTION_CLASSES)) + "|",
+        ]
+        for r in (r for r in results if r.arch == arch):
+            low, high = r.loop_paths
+            floor, ratio = "—", "—"
+            if r.floor_paths:
+                floor = _span(*r.floor_paths, "{}")
+                ratio = _span(low / r.floor_paths[0], high / r.floor_paths[1], "{:.2f}") + "x"
+            local = f"{r.stack_bytes}/{r.local_bytes}"
+            lines.append(
+                f"| {r.kernel} | {r.dtype} | {r.head_dim} | {r.registers} | "
+                f"{local if local == '0/0' else f'**{local}**'} | {_span(low, high, '{}')} | {floor} | {ratio} | "
+                + " | ".join(str(r.loop_classes[n]) for n, _ in INSTRUCTION_CLASSES)
+                + " |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -473,6 +592,7 @@ def _parse_args():
     parser.add_argument("--kv-heads", type=int, default=KV_HEADS, choices=(1, 2, 4, HEADS),
                         help=f"key/value heads of the {HEADS} query heads ({HEADS}: no GQA)")
     parser.add_argument("--max-registers", type=int, help="cap ptxas' registers per thread (forces spills)")
+    parser.add_argument("--cuda", action="store_true", help="report csrc/attention_stats.cu (nvcc) instead")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiles in parallel")
     parser.add_argument("--out", help="write the Markdown table to this file")
     parser.add_argument("--json", help="write every result (with ptxas' report) to this file")
@@ -494,6 +614,17 @@ def main():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
     args = _parse_args()
+    if args.cuda:
+        results = [r for arch in args.arch for r in compile_cuda(arch)]
+        version = subprocess.run([nvcc_path(), "--version"], capture_output=True, text=True).stdout
+        release = re.search(r"release ([\d.]+)", version).group(1)
+        table = f"nvcc {release}\n\n{render_cuda_table(results)}"
+        print(table)
+        if args.out:
+            Path(args.out).write_text(table)
+        if args.json:
+            Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
+        return
     todo = cases(arches=args.arch, dtypes=args.dtype, head_dims=args.head_dim, kernels=args.kernel,
                  all_configs=args.all_configs, floors=not args.no_floor, max_registers=args.max_registers,
                  kv_heads=args.kv_heads)  # fmt: skip

@@ -151,3 +151,25 @@ def test_hot_loop_is_the_innermost_loop_with_the_marker():
     ]  # fmt: skip
     assert compile_report.hot_loop(sass, "LDL") == []
     assert compile_report.instruction_classes(compile_report.hot_loop(sass, "MUFU.EX2"))["MMA"] == 1
+
+
+@pytest.mark.skipif(compile_report.nvcc_path() is None, reason="nvcc not found (CUDA_HOME, CUDA_PATH, /usr/local/cuda, PATH)")
+def test_cuda_kernels_meet_the_floor_target():
+    """csrc/attention_stats.cu on sm_90: no local memory, and S+O issues at most 1.10x the instructions of the
+    same kernel without S on every key tile that loads the next one (all but the last)."""
+    results = compile_report.compile_cuda(90)
+    assert len(results) == 12  # (fp16, bf16) x (64, 128) x (S, S+O, influence)
+    table = compile_report.render_cuda_table(results)
+    print("\n" + table)
+    assert all(r.stack_bytes == r.local_bytes == 0 and r.loop_classes["LDL/STL"] == 0 for r in results), table
+    assert all(r.loop_paths[0] > 0 and r.loop_classes["MMA"] > 0 for r in results), "a hot loop was not found"
+    with_output = [r for r in results if r.kernel == "valid_attention S+O"]
+    assert len(with_output) == 4 and all(r.loop_paths[1] <= 1.10 * r.floor_paths[1] for r in with_output), table
+
+
+def test_cuda_floor_source_cuts_every_s_line():
+    text = compile_report.CUDA_SOURCE.read_text()
+    floor = compile_report.cuda_floor_source(text)
+    assert "block_u[r] = fmaf" not in floor and "u * inverse" not in floor and "key_tile + kTile" not in floor
+    with pytest.raises(ValueError, match="no longer has the S line"):
+        compile_report.cuda_floor_source(floor)

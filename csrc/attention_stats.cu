@@ -22,8 +22,8 @@
 //
 // Shared-memory rows are padded by 8 elements (16 bytes): the 8 row addresses of an ldmatrix phase then fall
 // in 8 different 16-byte bank groups (no bank conflicts), and rows stay 16-byte aligned for cp.async.
-// Bounds: tile rows past the end are zero-filled by cp.async (src-size 0) and their keys carry flag 0 (-inf
-// logit) or lse2 = +inf (p = 0); only rows inside the tensors are written.
+// Bounds: tile rows past the end are zero-filled by cp.async (src-size 0) and their keys carry bias -inf or
+// lse2 = +inf (p = 0); only rows inside the tensors are written.
 
 #include "attention_stats.h"
 #include "ptx.cuh"
@@ -102,6 +102,13 @@ __device__ __forceinline__ void load_row(E* dst, const E* src) {
   }
 }
 
+// The key rows (bias, U) of key tile `block` into buffer `block & 1` of `key_tiles` (2 x 2 x kTile floats).
+__device__ __forceinline__ void load_key_rows(float* key_tiles, const float* keys, int padded_keys, int block) {
+  float* dst = key_tiles + (block & 1) * 2 * kTile;
+  load_row(dst, keys + block * kTile);
+  load_row(dst + kTile, keys + padded_keys + block * kTile);
+}
+
 // A fragments (16 rows x D) of the warp's rows [16 * warp, 16 * warp + 16) of a padded shared tile.
 template <typename T, int D>
 __device__ __forceinline__ void load_row_fragments(std::uint32_t (&fragment)[D / 16][4], const T* tile, int warp,
@@ -147,7 +154,8 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
   T* q_tile = reinterpret_cast<T*>(shared);
   T* k_tile = q_tile + kTile * kLd;
   T* v_tile = k_tile + kTile * kLd;  // only with OUTPUT
-  std::uint8_t* flag_tile = reinterpret_cast<std::uint8_t*>(k_tile + (OUTPUT ? 2 : 1) * kTile * kLd);
+  // Key rows (bias, U) of a key tile, double-buffered: U is read after the barrier that frees the K tile.
+  float* key_tiles = reinterpret_cast<float*>(k_tile + (OUTPUT ? 2 : 1) * kTile * kLd);
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -166,13 +174,13 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
   const T* q = static_cast<const T*>(args.q) + b * args.q_stride[0] + h * args.q_stride[1];
   const T* k = static_cast<const T*>(args.k) + b * args.k_stride[0] + kv * args.k_stride[1];
   const T* v = OUTPUT ? static_cast<const T*>(args.v) + b * args.v_stride[0] + kv * args.v_stride[1] : nullptr;
-  const std::uint8_t* flags = args.key_flags + static_cast<std::int64_t>(b) * args.padded_keys;
+  const float* keys = args.key_rows + static_cast<std::int64_t>(b) * 2 * args.padded_keys;
 
-  // Groups in flight: Q, then K0 (+ its flags), then V0.
+  // Groups in flight: Q, then K0 (+ its key rows), then V0.
   load_tile<T, D>(q_tile, q, args.q_stride[2], m0, n_queries);
   cp_async_commit();
   load_tile<T, D>(k_tile, k, args.k_stride[2], 0, n_keys);
-  load_row(flag_tile, flags);
+  load_key_rows(key_tiles, keys, args.padded_keys, 0);
   cp_async_commit();
   if constexpr (OUTPUT) {
     load_tile<T, D>(v_tile, v, args.v_stride[2], 0, n_keys);
@@ -205,29 +213,27 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
 
     float s[kTile / 8][4];
     rows_times_tile<T, D>(s, q_fragment, k_tile, lane);
-
-    // Keys: column 8j + 2t + (e & 1) of n-tile j. Padding and keys past N get -inf; U as a 16-bit mask. The
-    // logits stay unscaled here: the scale is folded into the exp2 argument below (one FFMA per element).
-    std::uint32_t in_u = 0;
-#pragma unroll
-    for (int j = 0; j < kTile / 8; ++j) {
-      const unsigned int pair = *reinterpret_cast<const unsigned short*>(flag_tile + 8 * j + 2 * quad_col);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const unsigned int flag = pair >> (8 * (e & 1));
-        s[j][e] = (flag & kKeyReal) ? s[j][e] : -INFINITY;
-      }
-      in_u |= ((pair & kKeyInU) ? 1u : 0u) << (2 * j);
-      in_u |= ((pair >> 8 & kKeyInU) ? 1u : 0u) << (2 * j + 1);
-    }
-    __syncthreads();  // every warp is done with this K tile and its flags
+    __syncthreads();  // every warp is done with this K tile
     if (more) {
       load_tile<T, D>(k_tile, k, args.k_stride[2], (block + 1) * kTile, n_keys);
-      load_row(flag_tile, flags + (block + 1) * kTile);
+      load_key_rows(key_tiles, keys, args.padded_keys, block + 1);
       cp_async_commit();
     }
 
+    // Keys: column 8j + 2t + c of n-tile j, elements c (row g) and 2 + c (row g + 8). The bias puts -inf on
+    // padding and keys past N. The logits stay unscaled: the scale is folded into the exp2 argument below.
+    const float* key_tile = key_tiles + (block & 1) * 2 * kTile;
+#pragma unroll
+    for (int j = 0; j < kTile / 8; ++j) {
+      const float2 bias = *reinterpret_cast<const float2*>(key_tile + 8 * j + 2 * quad_col);
+      s[j][0] += bias.x;
+      s[j][1] += bias.y;
+      s[j][2] += bias.x;
+      s[j][3] += bias.y;
+    }
+
     // Online softmax of rows g (r = 0: elements 0, 1) and g + 8 (r = 1: elements 2, 3).
+    float reference[2], alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float block_max = -INFINITY;
@@ -235,28 +241,35 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
       for (int j = 0; j < kTile / 8; ++j) block_max = fmaxf(block_max, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
       const float new_max = fmaxf(row_max[r], quad_max(block_max) * qk_scale);  // qk_scale > 0
       // A row that has only seen padding keeps max -inf: subtract 0 instead, so exp2 gives 0, not NaN.
-      const float reference = new_max == -INFINITY ? 0.0f : new_max;
-      const float alpha = fast_exp2(row_max[r] - reference);
+      reference[r] = new_max == -INFINITY ? 0.0f : new_max;
+      alpha[r] = fast_exp2(row_max[r] - reference[r]);
       row_max[r] = new_max;
-      float block_sum = 0.0f;
-      float block_u = 0.0f;
+    }
+    float block_sum[2] = {0.0f, 0.0f};
+    float block_u[2] = {0.0f, 0.0f};
 #pragma unroll
-      for (int j = 0; j < kTile / 8; ++j) {
+    for (int j = 0; j < kTile / 8; ++j) {
+      const float2 u = *reinterpret_cast<const float2*>(key_tile + kTile + 8 * j + 2 * quad_col);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          const float p = fast_exp2(fmaf(s[j][2 * r + c], qk_scale, -reference));
+          const float p = fast_exp2(fmaf(s[j][2 * r + c], qk_scale, -reference[r]));
           s[j][2 * r + c] = p;
-          block_sum += p;
-          block_u += (in_u >> (2 * j + c) & 1u) ? p : 0.0f;
+          block_sum[r] += p;
+          block_u[r] = fmaf(p, c == 0 ? u.x : u.y, block_u[r]);  // S: one FFMA per logit
         }
       }
-      row_sum[r] = row_sum[r] * alpha + block_sum;
-      u_sum[r] = u_sum[r] * alpha + block_u;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_sum[r] = row_sum[r] * alpha[r] + block_sum[r];
+      u_sum[r] = u_sum[r] * alpha[r] + block_u[r];
       if constexpr (OUTPUT) {
 #pragma unroll
         for (int j = 0; j < kDTiles; ++j) {
-          acc_o[j][2 * r] *= alpha;
-          acc_o[j][2 * r + 1] *= alpha;
+          acc_o[j][2 * r] *= alpha[r];
+          acc_o[j][2 * r + 1] *= alpha[r];
         }
       }
     }
@@ -305,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
     const std::int64_t index = bh * n_queries + row;
     if (quad_col == 0) {
       // A padded query row gets S = 0 (its O and lse stay SDPA's); query row i is key N - Nq + i.
-      const bool real_row = (flags[n_keys - n_queries + row] & kKeyReal) != 0;
+      const bool real_row = keys[n_keys - n_queries + row] == 0.0f;  // bias 0
       args.s_part[index] = real_row ? u * inverse : 0.0f;
       if (args.lse != nullptr) {
         args.lse[index] = has_keys ? (row_max[r] + log2f(l)) * 0.6931471805599453f : 0.0f;
@@ -388,7 +401,7 @@ __global__ void __launch_bounds__(kThreads) influence_kernel(const InfluenceArgs
     const float total = quad_sum(col_sum[r]);
     const int key = n0 + warp * 16 + quad_row + 8 * r;
     if (quad_col == 0 && key < n) {
-      const bool real_key = (args.key_flags[static_cast<std::int64_t>(b) * args.padded_keys + key] & kKeyReal) != 0;
+      const bool real_key = args.key_rows[static_cast<std::int64_t>(b) * 2 * args.padded_keys + key] == 0.0f;
       args.part[bh * n + key] = real_key ? total : 0.0f;  // padded keys: 0 (they do not affect other keys)
     }
   }
@@ -414,7 +427,8 @@ bool grid_size(const Args& args, int rows, unsigned int* blocks) {
 template <typename T, int D, bool OUTPUT>
 cudaError_t launch_valid_attention_typed(const ValidAttentionArgs& args, unsigned int blocks, cudaStream_t stream) {
   constexpr int kLd = D + kRowPad;
-  const int shared_bytes = (OUTPUT ? 3 : 2) * kTile * kLd * static_cast<int>(sizeof(T)) + kTile;
+  const int shared_bytes = (OUTPUT ? 3 : 2) * kTile * kLd * static_cast<int>(sizeof(T)) +
+                           4 * kTile * static_cast<int>(sizeof(float));  // 2 buffers of key rows
   auto kernel = valid_attention_kernel<T, D, OUTPUT>;
   const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes);
   if (status != cudaSuccess) return status;
@@ -445,7 +459,7 @@ cudaError_t launch_valid_attention(const ValidAttentionArgs& args, cudaStream_t 
     return cudaErrorInvalidValue;
   }
   if (args.batch == 0 || args.n_queries == 0) return cudaSuccess;
-  if (!aligned_16(args.q) || !aligned_16(args.k) || !aligned_16(args.key_flags) || !strides_ok(args.q_stride) ||
+  if (!aligned_16(args.q) || !aligned_16(args.k) || !aligned_16(args.key_rows) || !strides_ok(args.q_stride) ||
       !strides_ok(args.k_stride) || (output && (!aligned_16(args.v) || !aligned_16(args.out) ||
                                                  !strides_ok(args.v_stride)))) {
     return cudaErrorInvalidValue;

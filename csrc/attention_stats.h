@@ -12,14 +12,13 @@ namespace agdo {
 constexpr int kAttnFloat16 = 0;
 constexpr int kAttnBFloat16 = 1;
 
-// Rows of every query/key tile. The per-key arrays (key flags, base-2 lse) have rows padded to a multiple
+// Rows of every query/key tile. The per-key arrays (key rows, base-2 lse) have rows padded to a multiple
 // of this, so a tile's slice of them is read whole without bounds checks.
 constexpr int kAttnTile = 64;
 
-// Key flags, one byte per key position: bit 0 = a real key (not padding), bit 1 = in U (and real).
-// Padded positions (past N) are 0.
-constexpr std::uint8_t kKeyReal = 1;
-constexpr std::uint8_t kKeyInU = 2;
+// Key rows, float32 (B, 2, padded_keys): row 0 the additive key bias (0 for a real key, -inf for padding and
+// past N), row 1 U as 0/1 (1 only for real keys in U). Floats, so the kernels add the bias and multiply by U
+// (one FADD / FFMA per logit) instead of testing bits.
 
 // valid_attention. q (B, H, Nq, D), k/v (B, Hkv, N, D), given by their (b, h, n) strides in elements and a
 // unit stride along d; every (b, h, n) stride must be a multiple of 8 elements and the base pointers 16-byte
@@ -34,7 +33,7 @@ struct ValidAttentionArgs {
   std::int64_t q_stride[3] = {0, 0, 0};
   std::int64_t k_stride[3] = {0, 0, 0};
   std::int64_t v_stride[3] = {0, 0, 0};
-  const std::uint8_t* key_flags = nullptr;  // (B, padded_keys), see kKeyReal / kKeyInU
+  const float* key_rows = nullptr;          // (B, 2, padded_keys): bias, U
   float* s_part = nullptr;                  // (B, H, Nq)
   void* out = nullptr;                      // (B, H, Nq, D) contiguous, or null
   float* lse = nullptr;                     // (B, H, Nq), or null
@@ -58,7 +57,7 @@ struct InfluenceArgs {
   std::int64_t q_stride[3] = {0, 0, 0};
   std::int64_t k_stride[3] = {0, 0, 0};
   const float* lse2 = nullptr;              // (B, H, padded_keys)
-  const std::uint8_t* key_flags = nullptr;  // (B, padded_keys), bit 0 used
+  const float* key_rows = nullptr;          // (B, 2, padded_keys): the bias row says which keys are real
   float* part = nullptr;                    // (B, H, N)
   int batch = 0;
   int heads = 0;

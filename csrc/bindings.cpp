@@ -48,7 +48,7 @@ void copy_strides(const Strides& from, std::int64_t (&to)[3]) {
 
 // Null pointers (0) for `v`/`out`/`lse` mean "not asked for"; see csrc/attention_stats.h.
 void valid_attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, const Strides& q_stride,
-                     const Strides& k_stride, const Strides& v_stride, std::uintptr_t key_flags, std::uintptr_t s_part,
+                     const Strides& k_stride, const Strides& v_stride, std::uintptr_t key_rows, std::uintptr_t s_part,
                      std::uintptr_t out, std::uintptr_t lse, int batch, int heads, int kv_heads, int n_queries,
                      int n_keys, int padded_keys, int head_dim, int dtype, float qk_scale, int device,
                      std::uintptr_t stream) {
@@ -60,7 +60,7 @@ void valid_attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, const
   copy_strides(q_stride, args.q_stride);
   copy_strides(k_stride, args.k_stride);
   copy_strides(v_stride, args.v_stride);
-  args.key_flags = as_pointer<const std::uint8_t>(key_flags);
+  args.key_rows = as_pointer<const float>(key_rows);
   args.s_part = as_pointer<float>(s_part);
   args.out = as_pointer<void>(out);
   args.lse = as_pointer<float>(lse);
@@ -77,7 +77,7 @@ void valid_attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, const
 }
 
 void influence_sum(std::uintptr_t q, std::uintptr_t k, const Strides& q_stride, const Strides& k_stride,
-                   std::uintptr_t lse2, std::uintptr_t key_flags, std::uintptr_t part, int batch, int heads,
+                   std::uintptr_t lse2, std::uintptr_t key_rows, std::uintptr_t part, int batch, int heads,
                    int kv_heads, int n_keys, int padded_keys, int head_dim, int dtype, float qk_scale, int device,
                    std::uintptr_t stream) {
   check(cudaSetDevice(device), "agdo influence: cudaSetDevice");
@@ -87,7 +87,7 @@ void influence_sum(std::uintptr_t q, std::uintptr_t k, const Strides& q_stride, 
   copy_strides(q_stride, args.q_stride);
   copy_strides(k_stride, args.k_stride);
   args.lse2 = as_pointer<const float>(lse2);
-  args.key_flags = as_pointer<const std::uint8_t>(key_flags);
+  args.key_rows = as_pointer<const float>(key_rows);
   args.part = as_pointer<float>(part);
   args.batch = batch;
   args.heads = heads;
@@ -123,13 +123,13 @@ PYBIND11_MODULE(_agdo_cuda, m) {
   m.attr("ATTENTION_FLOAT16") = agdo::kAttnFloat16;
   m.attr("ATTENTION_BFLOAT16") = agdo::kAttnBFloat16;
   m.def("valid_attention", &valid_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_stride"),
-        py::arg("k_stride"), py::arg("v_stride"), py::arg("key_flags"), py::arg("s_part"), py::arg("out"),
+        py::arg("k_stride"), py::arg("v_stride"), py::arg("key_rows"), py::arg("s_part"), py::arg("out"),
         py::arg("lse"), py::arg("batch"), py::arg("heads"), py::arg("kv_heads"), py::arg("n_queries"),
         py::arg("n_keys"), py::arg("padded_keys"), py::arg("head_dim"), py::arg("dtype"), py::arg("qk_scale"),
         py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "Per-head S (and O, lse) of one FlashAttention pass; see csrc/attention_stats.h.");
   m.def("influence_sum", &influence_sum, py::arg("q"), py::arg("k"), py::arg("q_stride"), py::arg("k_stride"),
-        py::arg("lse2"), py::arg("key_flags"), py::arg("part"), py::arg("batch"), py::arg("heads"),
+        py::arg("lse2"), py::arg("key_rows"), py::arg("part"), py::arg("batch"), py::arg("heads"),
         py::arg("kv_heads"), py::arg("n_keys"), py::arg("padded_keys"), py::arg("head_dim"), py::arg("dtype"),
         py::arg("qk_scale"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "Per-head influence column sums from the rows' base-2 lse; see csrc/attention_stats.h.");

@@ -362,14 +362,17 @@ def test_kernel_layout_reads_transformers_views_in_place():
 
 
 @pytest.mark.skipif(_cuda._extension is None, reason="the CUDA extension is not built")
-def test_key_flags_layout():
+def test_key_rows_layout():
+    inf = float("inf")
     mask = torch.tensor([[False, True, True, True, False]])
     unmasked = torch.tensor([[True, True, False, True, True]])
-    flags = _cuda._key_flags(1, 5, mask, unmasked, torch.device("cpu"))
-    assert flags.shape == (1, _cuda._extension.ATTENTION_TILE) and flags.dtype == torch.uint8
-    assert flags[0, :5].tolist() == [0, 3, 1, 3, 0] and (flags[0, 5:] == 0).all()
-    flags = _cuda._key_flags(2, 130, None, None, torch.device("cpu"))
-    assert flags.shape == (2, 192) and (flags[:, :130] == 1).all() and (flags[:, 130:] == 0).all()
+    rows = _cuda._key_rows(1, 5, mask, unmasked, torch.device("cpu"))
+    assert rows.shape == (1, 2, _cuda._extension.ATTENTION_TILE) and rows.dtype == torch.float32
+    assert rows[0, 0, :5].tolist() == [-inf, 0, 0, 0, -inf] and (rows[0, 0, 5:] == -inf).all()
+    assert rows[0, 1, :5].tolist() == [0, 1, 0, 1, 0] and (rows[0, 1, 5:] == 0).all()
+    rows = _cuda._key_rows(2, 130, None, None, torch.device("cpu"))
+    assert rows.shape == (2, 2, 192) and (rows[:, 0, :130] == 0).all() and (rows[:, 0, 130:] == -inf).all()
+    assert (rows[:, 1] == 0).all()
 
 
 class _RecordingExtension:

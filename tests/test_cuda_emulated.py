@@ -324,11 +324,11 @@ def _valid_attention_in_child(library: Path, inputs, tmp_path, env):
 # Bugs planted in attention_stats.cu: (text replaced, its replacement, head dim, what must show). Each shows
 # under the default mode (copies land when issued, the lowest warp runs first).
 MUTANTS = {
-    # the first warp loads the next K tile and its flags while the others still read this one
-    "missing_barrier": ("    __syncthreads();  // every warp is done with this K tile and its flags\n", "", 64, None),
-    # the key flags' row lies past the end of the dynamic shared memory
-    "shared_one_row_short": ("* static_cast<int>(sizeof(T)) + kTile;", "* static_cast<int>(sizeof(T)) + kTile - kLd;", 64,
-                             r"cudaErrorIllegalAddress.*outside the \d+ bytes of dynamic shared memory"),
+    # the first warp loads the next K tile while the others still read this one
+    "missing_barrier": ("    __syncthreads();  // every warp is done with this K tile\n", "", 64, None),
+    # one buffer of key rows short: the second lies past the end of the dynamic shared memory
+    "shared_one_row_short": ("4 * kTile * static_cast<int>(sizeof(float));", "3 * kTile * static_cast<int>(sizeof(float));",
+                             64, r"cudaErrorIllegalAddress.*outside the \d+ bytes of dynamic shared memory"),
     # 52 KB of shared memory at d = 128 without opting in past 48 KiB
     "no_shared_opt_in": ("cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes)",
                          "cudaSuccess", 128, r"valid_attention kernel launch: cudaErrorInvalidValue"),
