@@ -169,6 +169,15 @@ HALF = [torch.float16, torch.bfloat16]
 MODES = [("eager", "ascending"), ("eager", "descending"), ("late", "ascending")]
 
 
+# Every mode in float16; bfloat16 (the same code but for the mma's input type) in the default mode.
+DTYPE_MODES = [(torch.float16, mode) for mode in MODES] + [(torch.bfloat16, MODES[0])]
+
+
+def _dtype_mode_id(case):
+    dtype, mode = case
+    return f"{str(dtype).removeprefix('torch.')}-{'-'.join(mode)}"
+
+
 def _set_mode(monkeypatch, mode):
     copies, order = mode
     monkeypatch.setenv("CUDA_EMULATOR_COPIES", copies)
@@ -178,8 +187,7 @@ def _set_mode(monkeypatch, mode):
 # --- valid attention ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES, ids="-".join)
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dtype,mode", DTYPE_MODES, ids=map(_dtype_mode_id, DTYPE_MODES))
 @pytest.mark.parametrize(
     "shape,pattern,u_kind,layout",
     [((2, 4, 2, 19, 64), "both", "random", "bnhd"), ((1, 2, 1, 130, 128), "left", "random", "contiguous"),
@@ -237,8 +245,7 @@ def test_valid_attention_without_output_and_last_queries(emulated, dtype, d):
 # --- influence ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES, ids="-".join)
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dtype,mode", DTYPE_MODES, ids=map(_dtype_mode_id, DTYPE_MODES))
 @pytest.mark.parametrize("d", [64, 128])
 def test_influence_matches_oracle(emulated, monkeypatch, mode, dtype, d):
     _set_mode(monkeypatch, mode)
@@ -260,9 +267,10 @@ def test_influence_matches_oracle(emulated, monkeypatch, mode, dtype, d):
 # --- greedy order ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES, ids="-".join)
-@pytest.mark.parametrize("R,step_size,block_size,block_mode", [(37, 1, None, "global"), (70, 3, 32, "within"),
-                                                              (300, 2, 64, "global")])  # fmt: skip
+@pytest.mark.parametrize(
+    "R,step_size,block_size,block_mode,mode",
+    [(37, 1, None, "global", mode) for mode in MODES] + [(70, 3, 32, "within", MODES[0]), (300, 2, 64, "global", MODES[0])],
+)
 def test_greedy_order_matches_reference(emulated, monkeypatch, mode, R, step_size, block_size, block_mode):
     _set_mode(monkeypatch, mode)
     B = 2
