@@ -9,8 +9,9 @@ this module prepares the inputs on the right device first. Inputs arrive validat
   are read in place through their ``(B, H, N)`` strides — e.g. the ``(B, N, H, d).transpose(1, 2)`` views
   transformers hands over — when ``d`` has unit stride, the other strides are multiples of 8 elements and the
   data is 16-byte aligned (the kernels copy 16-byte chunks); other layouts are copied to contiguous first.
-  Each program writes its head's row to a ``(B, H, ·)`` float32 buffer and the head average is one torch
-  sum afterwards (deterministic, no atomics), as on the Triton backend.
+  Masks go over as bytes; the extension builds the per-key rows the kernels read from them itself (a call is
+  two launches). Each program writes its head's row to a ``(B, H, ·)`` float32 buffer and the head average
+  is one torch mean afterwards (deterministic, no atomics).
 
 Without a GPU, tests/test_cuda_emulated.py runs these functions on CPU tensors: it swaps ``_extension`` for the
 same sources compiled against a CPU emulator (tests/cuda_emulator) and ``_launch_target`` for a host "stream".
@@ -133,15 +134,13 @@ def _padded(n):
     return max(tile, (n + tile - 1) // tile * tile)
 
 
-def _key_rows(B, N, attention_mask, unmasked, device):
-    """float32 ``(B, 2, padded N)``: the additive key bias (0 real, -inf padding and past N), then U as 0/1."""
-    rows = torch.zeros(B, 2, _padded(N), dtype=torch.float32, device=device)
-    rows[:, 0, N:] = float("-inf")
-    if attention_mask is not None:
-        rows[:, 0, :N].masked_fill_(~attention_mask, float("-inf"))
-    if unmasked is not None:
-        rows[:, 1, :N] = unmasked if attention_mask is None else unmasked & attention_mask
-    return rows
+def _mask_bytes(mask):
+    """A bool ``(B, N)`` mask as contiguous bytes for the kernels (``None`` stays ``None``)."""
+    return None if mask is None else mask.contiguous().view(torch.uint8)
+
+
+def _address(t):
+    return 0 if t is None else t.data_ptr()
 
 
 def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, return_lse):
@@ -157,19 +156,18 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
         q_in, q_stride = _kernel_layout(q)
         k_in, k_stride = _kernel_layout(k)
         v_in, v_stride = _kernel_layout(v) if return_output else (None, (0, 0, 0))
-        key_rows = _key_rows(B, N, attention_mask, unmasked, device)
-        # The kernel writes every element of these (each row once).
+        masks = _mask_bytes(attention_mask), _mask_bytes(unmasked)
+        # The kernels write every element of these (each row once; the key rows first, from the masks).
+        key_rows = torch.empty(B, 2, _padded(N), dtype=torch.float32, device=device)
         s_part = torch.empty(B, H, Nq, dtype=torch.float32, device=device)
         out = torch.empty(B, H, Nq, d, dtype=q.dtype, device=device) if return_output else None
         lse = torch.empty(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
         _extension.valid_attention(
-            q_in.data_ptr(), k_in.data_ptr(), v_in.data_ptr() if return_output else 0,
-            q_stride, k_stride, v_stride, key_rows.data_ptr(), s_part.data_ptr(),
-            out.data_ptr() if return_output else 0, lse.data_ptr() if return_lse else 0,
-            B, H, Hkv, Nq, N, key_rows.shape[2], d, _attention_dtype_code(q.dtype), float(scale) * _LOG2E,
-            device_index, stream,
+            q_in.data_ptr(), k_in.data_ptr(), _address(v_in), q_stride, k_stride, v_stride, *map(_address, masks),
+            key_rows.data_ptr(), s_part.data_ptr(), _address(out), _address(lse), B, H, Hkv, Nq, N, key_rows.shape[2],
+            d, _attention_dtype_code(q.dtype), float(scale) * _LOG2E, device_index, stream,
         )  # fmt: skip
-    s = s_part.sum(1) / H
+    s = s_part.mean(1)
     return s, out, lse
 
 
@@ -185,20 +183,14 @@ def influence_sum(q, k, lse, attention_mask, query_mask, scale):
     with guard:
         q_in, q_stride = _kernel_layout(q)
         k_in, k_stride = _kernel_layout(k)
-        key_rows = _key_rows(B, N, attention_mask, None, device)
-        # Rows that do not count (padding, query_mask False) and rows past N: lse2 = +inf, so p = 0.
-        lse2 = torch.full((B, H, key_rows.shape[2]), float("inf"), dtype=torch.float32, device=device)
-        lse2[:, :, :N] = lse.to(torch.float32) * _LOG2E
-        rows = None
-        for mask in (attention_mask, query_mask):
-            if mask is not None:
-                rows = mask if rows is None else rows & mask
-        if rows is not None:
-            lse2[:, :, :N].masked_fill_(~rows[:, None, :], float("inf"))
-        part = torch.empty(B, H, N, dtype=torch.float32, device=device)  # every element written
+        masks = _mask_bytes(attention_mask), _mask_bytes(query_mask)
+        lse_rows = lse.to(torch.float32).contiguous()
+        # Written by the extension: the rows' base-2 lse (+inf where a row does not count), then every element.
+        lse2 = torch.empty(B, H, _padded(N), dtype=torch.float32, device=device)
+        part = torch.empty(B, H, N, dtype=torch.float32, device=device)
         _extension.influence_sum(
-            q_in.data_ptr(), k_in.data_ptr(), q_stride, k_stride, lse2.data_ptr(), key_rows.data_ptr(),
-            part.data_ptr(), B, H, Hkv, N, key_rows.shape[2], d, _attention_dtype_code(q.dtype),
+            q_in.data_ptr(), k_in.data_ptr(), q_stride, k_stride, lse_rows.data_ptr(), *map(_address, masks),
+            lse2.data_ptr(), part.data_ptr(), B, H, Hkv, N, lse2.shape[2], d, _attention_dtype_code(q.dtype),
             float(scale) * _LOG2E, device_index, stream,
         )  # fmt: skip
-    return part.sum(1) / H
+    return part.mean(1)

@@ -525,6 +525,8 @@ def _cuda_kernels(text: str, arch: int, workdir: Path) -> dict:
     kernels = {}
     for name, code in zip(parts[1::2], parts[2::2]):
         match = _CUDA_KERNEL.search(name)
+        if match is None:  # the one-thread-per-element preparation kernels: no hot loop to report
+            continue
         kind, dtype, d, output = match.groups()
         key = (kind.removesuffix("_kernel"), "fp16" if "half" in dtype else "bf16", int(d), output == "1")
         kernels[key] = ({k: int(v) for k, v in resources[name].items()}, code)

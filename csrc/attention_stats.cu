@@ -401,10 +401,42 @@ __global__ void __launch_bounds__(kThreads) influence_kernel(const InfluenceArgs
     const float total = quad_sum(col_sum[r]);
     const int key = n0 + warp * 16 + quad_row + 8 * r;
     if (quad_col == 0 && key < n) {
-      const bool real_key = args.key_rows[static_cast<std::int64_t>(b) * 2 * args.padded_keys + key] == 0.0f;
+      const std::int64_t at = static_cast<std::int64_t>(b) * n + key;
+      const bool real_key = args.attention_mask == nullptr || args.attention_mask[at] != 0;
       args.part[bh * n + key] = real_key ? total : 0.0f;  // padded keys: 0 (they do not affect other keys)
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Preparation: the per-key rows the attention kernels read as whole tiles, one thread per element
+
+constexpr int kPrepThreads = 256;
+
+// Key rows (bias, U) of valid_attention from its masks, past N included (bias -inf, U 0).
+__global__ void __launch_bounds__(kPrepThreads) key_rows_kernel(const ValidAttentionArgs args) {
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kPrepThreads + threadIdx.x;
+  if (i >= static_cast<std::int64_t>(args.batch) * args.padded_keys) return;
+  const std::int64_t b = i / args.padded_keys;
+  const int key = static_cast<int>(i % args.padded_keys);
+  const std::int64_t at = b * args.n_keys + key;
+  const bool real = key < args.n_keys && (args.attention_mask == nullptr || args.attention_mask[at] != 0);
+  const bool in_u = real && args.unmasked != nullptr && args.unmasked[at] != 0;
+  float* rows = args.key_rows + b * 2 * args.padded_keys;
+  rows[key] = real ? 0.0f : -INFINITY;
+  rows[args.padded_keys + key] = in_u ? 1.0f : 0.0f;
+}
+
+// influence's rows in base 2: lse * log2(e) where the row counts (real and in the query mask), else +inf.
+__global__ void __launch_bounds__(kPrepThreads) lse2_kernel(const InfluenceArgs args) {
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kPrepThreads + threadIdx.x;
+  if (i >= static_cast<std::int64_t>(args.batch) * args.heads * args.padded_keys) return;
+  const std::int64_t bh = i / args.padded_keys;
+  const int row = static_cast<int>(i % args.padded_keys);
+  const std::int64_t at = bh / args.heads * args.n_keys + row;
+  const bool counts = row < args.n_keys && (args.attention_mask == nullptr || args.attention_mask[at] != 0) &&
+                      (args.query_mask == nullptr || args.query_mask[at] != 0);
+  args.lse2[i] = counts ? args.lse[bh * args.n_keys + row] * 1.4426950408889634f : INFINITY;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -422,6 +454,14 @@ bool grid_size(const Args& args, int rows, unsigned int* blocks) {
   if (count > INT_MAX) return false;
   *blocks = static_cast<unsigned int>(count);
   return true;
+}
+
+template <typename Args>
+cudaError_t launch_prep(void (*kernel)(Args), const Args& args, std::int64_t count, cudaStream_t stream) {
+  const std::int64_t blocks = (count + kPrepThreads - 1) / kPrepThreads;
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  kernel<<<static_cast<unsigned int>(blocks), kPrepThreads, 0, stream>>>(args);
+  return cudaGetLastError();
 }
 
 template <typename T, int D, bool OUTPUT>
@@ -455,7 +495,7 @@ cudaError_t launch_valid_attention(const ValidAttentionArgs& args, cudaStream_t 
       args.n_queries < 0 || args.n_keys < args.n_queries || args.padded_keys < args.n_keys ||
       args.padded_keys % kTile != 0 || (args.head_dim != 64 && args.head_dim != 128) ||
       (args.dtype != kAttnFloat16 && args.dtype != kAttnBFloat16) || args.s_part == nullptr ||
-      (output && args.v == nullptr)) {
+      args.key_rows == nullptr || (output && args.v == nullptr)) {
     return cudaErrorInvalidValue;
   }
   if (args.batch == 0 || args.n_queries == 0) return cudaSuccess;
@@ -466,6 +506,9 @@ cudaError_t launch_valid_attention(const ValidAttentionArgs& args, cudaStream_t 
   }
   unsigned int blocks = 0;
   if (!grid_size(args, args.n_queries, &blocks)) return cudaErrorInvalidConfiguration;
+  const cudaError_t prepared =
+      launch_prep(key_rows_kernel, args, static_cast<std::int64_t>(args.batch) * args.padded_keys, stream);
+  if (prepared != cudaSuccess) return prepared;
 #define AGDO_DISPATCH(T, D)                                                                           \
   return output ? launch_valid_attention_typed<T, D, true>(args, blocks, stream)                      \
                 : launch_valid_attention_typed<T, D, false>(args, blocks, stream)
@@ -482,7 +525,8 @@ cudaError_t launch_influence(const InfluenceArgs& args, cudaStream_t stream) {
   if (args.batch < 0 || args.heads < 1 || args.kv_heads < 1 || args.heads % args.kv_heads != 0 ||
       args.n_keys < 0 || args.padded_keys < args.n_keys || args.padded_keys % kTile != 0 ||
       (args.head_dim != 64 && args.head_dim != 128) ||
-      (args.dtype != kAttnFloat16 && args.dtype != kAttnBFloat16) || args.part == nullptr) {
+      (args.dtype != kAttnFloat16 && args.dtype != kAttnBFloat16) || args.part == nullptr || args.lse == nullptr ||
+      args.lse2 == nullptr) {
     return cudaErrorInvalidValue;
   }
   if (args.batch == 0 || args.n_keys == 0) return cudaSuccess;
@@ -492,6 +536,9 @@ cudaError_t launch_influence(const InfluenceArgs& args, cudaStream_t stream) {
   }
   unsigned int blocks = 0;
   if (!grid_size(args, args.n_keys, &blocks)) return cudaErrorInvalidConfiguration;
+  const cudaError_t prepared = launch_prep(
+      lse2_kernel, args, static_cast<std::int64_t>(args.batch) * args.heads * args.padded_keys, stream);
+  if (prepared != cudaSuccess) return prepared;
   if (args.dtype == kAttnFloat16) {
     return args.head_dim == 64 ? launch_influence_typed<__half, 64>(args, blocks, stream)
                                : launch_influence_typed<__half, 128>(args, blocks, stream);

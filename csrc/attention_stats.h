@@ -16,13 +16,17 @@ constexpr int kAttnBFloat16 = 1;
 // of this, so a tile's slice of them is read whole without bounds checks.
 constexpr int kAttnTile = 64;
 
+// Masks are (B, n_keys) bytes, nonzero = true (torch bool tensors as they are), or null: every key real (the
+// attention mask), U empty, every row counted (the query mask).
+//
 // Key rows, float32 (B, 2, padded_keys): row 0 the additive key bias (0 for a real key, -inf for padding and
-// past N), row 1 U as 0/1 (1 only for real keys in U). Floats, so the kernels add the bias and multiply by U
-// (one FADD / FFMA per logit) instead of testing bits.
+// past N), row 1 U as 0/1 (1 only for real keys in U). Floats, so the kernel adds the bias and multiplies by U
+// (one FADD / FFMA per logit) instead of testing bits. launch_valid_attention builds them from the masks first,
+// in a workspace the caller provides, so a call is two launches and needs no preparation on the host.
 
 // valid_attention. q (B, H, Nq, D), k/v (B, Hkv, N, D), given by their (b, h, n) strides in elements and a
 // unit stride along d; every (b, h, n) stride must be a multiple of 8 elements and the base pointers 16-byte
-// aligned (16-byte cp.async). Query row i is key N - Nq + i. Writes, for every (b, h, i < Nq):
+// aligned (16-byte cp.async), as key_rows. Query row i is key N - Nq + i. Writes, for every (b, h, i < Nq):
 //   s_part[b, h, i] = sum_{k in U} P[h, i, k]   (0 for a padded query row or a row without real keys)
 //   lse[b, h, i]    = natural-log logsumexp     (0 without real keys; only when lse != nullptr)
 //   out[b, h, i, :] = softmax @ V in q's dtype  (contiguous (B, H, Nq, D); only when out != nullptr)
@@ -33,10 +37,12 @@ struct ValidAttentionArgs {
   std::int64_t q_stride[3] = {0, 0, 0};
   std::int64_t k_stride[3] = {0, 0, 0};
   std::int64_t v_stride[3] = {0, 0, 0};
-  const float* key_rows = nullptr;          // (B, 2, padded_keys): bias, U
-  float* s_part = nullptr;                  // (B, H, Nq)
-  void* out = nullptr;                      // (B, H, Nq, D) contiguous, or null
-  float* lse = nullptr;                     // (B, H, Nq), or null
+  const std::uint8_t* attention_mask = nullptr;  // (B, N) or null
+  const std::uint8_t* unmasked = nullptr;        // (B, N): U, or null
+  float* key_rows = nullptr;                     // (B, 2, padded_keys) workspace: bias, U (written here)
+  float* s_part = nullptr;                       // (B, H, Nq)
+  void* out = nullptr;                           // (B, H, Nq, D) contiguous, or null
+  float* lse = nullptr;                          // (B, H, Nq), or null
   int batch = 0;
   int heads = 0;
   int kv_heads = 0;
@@ -49,16 +55,19 @@ struct ValidAttentionArgs {
 };
 
 // influence_sum, per head. q (B, H, N, D), k (B, Hkv, N, D), strides as above. Writes, for every (b, h, key < N):
-//   part[b, h, key] = sum_i exp2(q_i . k * qk_scale - lse2[b, h, i])   (0 at padded keys)
-// lse2 (B, H, padded) is the rows' lse in base 2, +inf at rows that do not count and past N.
+//   part[b, h, key] = sum_{counted rows i} exp2(q_i . k * qk_scale - lse[b, h, i] * log2(e))   (0 at padded keys)
+// where a row counts when it is real (attention_mask) and in query_mask. lse2 (B, H, padded) is a workspace the
+// launcher fills first: the rows' lse in base 2, +inf at rows that do not count and past N.
 struct InfluenceArgs {
   const void* q = nullptr;
   const void* k = nullptr;
   std::int64_t q_stride[3] = {0, 0, 0};
   std::int64_t k_stride[3] = {0, 0, 0};
-  const float* lse2 = nullptr;              // (B, H, padded_keys)
-  const float* key_rows = nullptr;          // (B, 2, padded_keys): the bias row says which keys are real
-  float* part = nullptr;                    // (B, H, N)
+  const float* lse = nullptr;                    // (B, H, N) contiguous, natural log
+  const std::uint8_t* attention_mask = nullptr;  // (B, N) or null
+  const std::uint8_t* query_mask = nullptr;      // (B, N) or null
+  float* lse2 = nullptr;                         // (B, H, padded_keys) workspace (written here)
+  float* part = nullptr;                         // (B, H, N)
   int batch = 0;
   int heads = 0;
   int kv_heads = 0;

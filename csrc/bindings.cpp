@@ -46,12 +46,12 @@ void copy_strides(const Strides& from, std::int64_t (&to)[3]) {
   for (int i = 0; i < 3; ++i) to[i] = from[i];
 }
 
-// Null pointers (0) for `v`/`out`/`lse` mean "not asked for"; see csrc/attention_stats.h.
+// Null pointers (0) for `v`/`out`/`lse` mean "not asked for", for a mask "none"; see csrc/attention_stats.h.
 void valid_attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, const Strides& q_stride,
-                     const Strides& k_stride, const Strides& v_stride, std::uintptr_t key_rows, std::uintptr_t s_part,
-                     std::uintptr_t out, std::uintptr_t lse, int batch, int heads, int kv_heads, int n_queries,
-                     int n_keys, int padded_keys, int head_dim, int dtype, float qk_scale, int device,
-                     std::uintptr_t stream) {
+                     const Strides& k_stride, const Strides& v_stride, std::uintptr_t attention_mask,
+                     std::uintptr_t unmasked, std::uintptr_t key_rows, std::uintptr_t s_part, std::uintptr_t out,
+                     std::uintptr_t lse, int batch, int heads, int kv_heads, int n_queries, int n_keys,
+                     int padded_keys, int head_dim, int dtype, float qk_scale, int device, std::uintptr_t stream) {
   check(cudaSetDevice(device), "agdo valid_attention: cudaSetDevice");
   agdo::ValidAttentionArgs args;
   args.q = as_pointer<const void>(q);
@@ -60,7 +60,9 @@ void valid_attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, const
   copy_strides(q_stride, args.q_stride);
   copy_strides(k_stride, args.k_stride);
   copy_strides(v_stride, args.v_stride);
-  args.key_rows = as_pointer<const float>(key_rows);
+  args.attention_mask = as_pointer<const std::uint8_t>(attention_mask);
+  args.unmasked = as_pointer<const std::uint8_t>(unmasked);
+  args.key_rows = as_pointer<float>(key_rows);
   args.s_part = as_pointer<float>(s_part);
   args.out = as_pointer<void>(out);
   args.lse = as_pointer<float>(lse);
@@ -77,17 +79,19 @@ void valid_attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, const
 }
 
 void influence_sum(std::uintptr_t q, std::uintptr_t k, const Strides& q_stride, const Strides& k_stride,
-                   std::uintptr_t lse2, std::uintptr_t key_rows, std::uintptr_t part, int batch, int heads,
-                   int kv_heads, int n_keys, int padded_keys, int head_dim, int dtype, float qk_scale, int device,
-                   std::uintptr_t stream) {
+                   std::uintptr_t lse, std::uintptr_t attention_mask, std::uintptr_t query_mask,
+                   std::uintptr_t lse2, std::uintptr_t part, int batch, int heads, int kv_heads, int n_keys,
+                   int padded_keys, int head_dim, int dtype, float qk_scale, int device, std::uintptr_t stream) {
   check(cudaSetDevice(device), "agdo influence: cudaSetDevice");
   agdo::InfluenceArgs args;
   args.q = as_pointer<const void>(q);
   args.k = as_pointer<const void>(k);
   copy_strides(q_stride, args.q_stride);
   copy_strides(k_stride, args.k_stride);
-  args.lse2 = as_pointer<const float>(lse2);
-  args.key_rows = as_pointer<const float>(key_rows);
+  args.lse = as_pointer<const float>(lse);
+  args.attention_mask = as_pointer<const std::uint8_t>(attention_mask);
+  args.query_mask = as_pointer<const std::uint8_t>(query_mask);
+  args.lse2 = as_pointer<float>(lse2);
   args.part = as_pointer<float>(part);
   args.batch = batch;
   args.heads = heads;
@@ -123,16 +127,18 @@ PYBIND11_MODULE(_agdo_cuda, m) {
   m.attr("ATTENTION_FLOAT16") = agdo::kAttnFloat16;
   m.attr("ATTENTION_BFLOAT16") = agdo::kAttnBFloat16;
   m.def("valid_attention", &valid_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_stride"),
-        py::arg("k_stride"), py::arg("v_stride"), py::arg("key_rows"), py::arg("s_part"), py::arg("out"),
-        py::arg("lse"), py::arg("batch"), py::arg("heads"), py::arg("kv_heads"), py::arg("n_queries"),
-        py::arg("n_keys"), py::arg("padded_keys"), py::arg("head_dim"), py::arg("dtype"), py::arg("qk_scale"),
-        py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        py::arg("k_stride"), py::arg("v_stride"), py::arg("attention_mask"), py::arg("unmasked"),
+        py::arg("key_rows"), py::arg("s_part"), py::arg("out"), py::arg("lse"), py::arg("batch"), py::arg("heads"),
+        py::arg("kv_heads"), py::arg("n_queries"), py::arg("n_keys"), py::arg("padded_keys"), py::arg("head_dim"),
+        py::arg("dtype"), py::arg("qk_scale"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
         "Per-head S (and O, lse) of one FlashAttention pass; see csrc/attention_stats.h.");
   m.def("influence_sum", &influence_sum, py::arg("q"), py::arg("k"), py::arg("q_stride"), py::arg("k_stride"),
-        py::arg("lse2"), py::arg("key_rows"), py::arg("part"), py::arg("batch"), py::arg("heads"),
-        py::arg("kv_heads"), py::arg("n_keys"), py::arg("padded_keys"), py::arg("head_dim"), py::arg("dtype"),
-        py::arg("qk_scale"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-        "Per-head influence column sums from the rows' base-2 lse; see csrc/attention_stats.h.");
+        py::arg("lse"), py::arg("attention_mask"), py::arg("query_mask"), py::arg("lse2"), py::arg("part"),
+        py::arg("batch"), py::arg("heads"), py::arg("kv_heads"), py::arg("n_keys"), py::arg("padded_keys"),
+        py::arg("head_dim"), py::arg("dtype"), py::arg("qk_scale"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Per-head influence column sums over the counted rows, from their lse; see csrc/attention_stats.h.");
   m.def("runtime_problem", &runtime_problem,
         "Empty string when the extension's CUDA runtime sees a device, else the reason it does not.");
 }

@@ -68,7 +68,8 @@ def ptxas_report(log: str) -> dict:
 
 def _short_name(mangled: str) -> str:
     """``valid_attention_kernel<bf16, 128, out>``-like names from the mangled ones (for the table only)."""
-    kernel = re.search(r"(valid_attention_kernel|influence_kernel|greedy_rank_kernel)I", mangled)
+    kernels = "valid_attention_kernel|influence_kernel|greedy_rank_kernel|key_rows_kernel|lse2_kernel"
+    kernel = re.search(rf"({kernels})(?:I|E)", mangled)
     name = kernel.group(1) if kernel else mangled
     args = re.findall(r"(__half|__nv_bfloat16|Li(\d+)E|Lb([01])E)", mangled[mangled.find(name) :] if kernel else "")
     parts = []
@@ -101,8 +102,9 @@ def _table(report: dict) -> str:
     return "\n".join(rows)
 
 
-# Every kernel instantiated by the launchers: (dtype x head dim x output) + (dtype x head dim) per arch.
-EXPECTED_KERNELS = {"csrc/attention_stats.cu": 12, "csrc/greedy_order.cu": 7}
+# Every kernel instantiated by the launchers: (dtype x head dim x output) + (dtype x head dim) per arch, and the
+# two preparation kernels (key rows, base-2 lse).
+EXPECTED_KERNELS = {"csrc/attention_stats.cu": 14, "csrc/greedy_order.cu": 7}
 
 
 @pytest.mark.parametrize("source", sorted(EXPECTED_KERNELS))

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from agdo_kernels import _cuda
 from agdo_kernels.reference import ordering as reference_ordering
@@ -69,7 +70,8 @@ def _compile(source: Path, build: Path, optimise: str) -> Path:
     obj = build / (source.stem + ".o")
     include = ["-I", str(EMULATOR), "-I", str(ROOT / "csrc"), "-I", pybind11.get_include(),
                "-I", sysconfig.get_paths()["include"]]  # fmt: skip
-    command = [CXX, "-std=c++17", optimise, "-fPIC", "-fno-strict-aliasing", *include, "-c", str(source), "-o", str(obj)]
+    command = [CXX, "-std=c++17", optimise, "-fPIC", "-fno-strict-aliasing", *include, "-c", str(source),
+               "-o", str(obj)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"compiling {source.name} for the emulator failed:\n{result.stderr[-6000:]}"
     return obj
@@ -264,12 +266,47 @@ def test_influence_matches_oracle(emulated, monkeypatch, mode, dtype, d):
     assert (total[~mask] == 0).all()
 
 
+# --- host work per call -----------------------------------------------------------------------------------
+
+
+class _TorchOps(TorchDispatchMode):
+    """The aten ops run inside, allocations and views left out: what would launch a device kernel."""
+
+    FREE = ("aten.empty", "aten.view", "aten._unsafe_view", "aten.alias", "aten.as_strided", "aten.slice", "aten.select",
+            "aten.transpose", "aten.detach", "aten.lift_fresh")  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not str(func).startswith(self.FREE):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_call_needs_one_torch_kernel(emulated):
+    """Masks go over as bytes and the extension builds its key rows and base-2 lse itself: around the
+    extension's launches (preparation + attention), a call runs only the head mean."""
+    B, H, Hkv, N, d = 2, 4, 2, 70, 64
+    q, k, v = _qkv(B, H, Hkv, N, d, torch.float16)
+    mask = padding_mask(B, N, "both").cpu()
+    unmasked = _unmasked(B, N, "random")
+    lse = oracle_lse(q, k, mask).float()
+    with _TorchOps() as valid:
+        _cuda.valid_attention(q, k, v, unmasked, mask, d**-0.5, True, True)
+    with _TorchOps() as influence:
+        _cuda.influence_sum(q, k, lse, mask, unmasked, d**-0.5)
+    assert valid.ops == ["aten.mean.dim"] and influence.ops == ["aten.mean.dim"], (valid.ops, influence.ops)
+
+
 # --- greedy order ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "R,step_size,block_size,block_mode,mode",
-    [(37, 1, None, "global", mode) for mode in MODES] + [(70, 3, 32, "within", MODES[0]), (300, 2, 64, "global", MODES[0])],
+    [(37, 1, None, "global", mode) for mode in MODES]
+    + [(70, 3, 32, "within", MODES[0]), (300, 2, 64, "global", MODES[0])],
 )
 def test_greedy_order_matches_reference(emulated, monkeypatch, mode, R, step_size, block_size, block_mode):
     _set_mode(monkeypatch, mode)
@@ -335,14 +372,16 @@ MUTANTS = {
     # the first warp loads the next K tile while the others still read this one
     "missing_barrier": ("    __syncthreads();  // every warp is done with this K tile\n", "", 64, None),
     # one buffer of key rows short: the second lies past the end of the dynamic shared memory
-    "shared_one_row_short": ("4 * kTile * static_cast<int>(sizeof(float));", "3 * kTile * static_cast<int>(sizeof(float));",
+    "shared_one_row_short": ("4 * kTile * static_cast<int>(sizeof(float));",
+                             "3 * kTile * static_cast<int>(sizeof(float));",
                              64, r"cudaErrorIllegalAddress.*outside the \d+ bytes of dynamic shared memory"),
     # 52 KB of shared memory at d = 128 without opting in past 48 KiB
     "no_shared_opt_in": ("cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes)",
                          "cudaSuccess", 128, r"valid_attention kernel launch: cudaErrorInvalidValue"),
     # lane 5 of each warp leaves before the warp-wide instructions
-    "lane_exits": ("  const int lane = threadIdx.x & 31;\n", "  const int lane = threadIdx.x & 31;\n  if (lane == 5) return;\n",
-                   64, r"cudaErrorIllegalAddress.*deadlock: 0 threads wait at __syncthreads, 124 at a warp-wide .* 4 finished"),
+    "lane_exits": ("  const int lane = threadIdx.x & 31;\n",
+                   "  const int lane = threadIdx.x & 31;\n  if (lane == 5) return;\n", 64,
+                   r"cudaErrorIllegalAddress.*deadlock: 0 threads wait at __syncthreads, 124 at a warp-wide .* 4 finished"),
 }  # fmt: skip
 
 

@@ -421,7 +421,8 @@ void run_grid(const void* kernel, unsigned int grid, unsigned int threads, int s
     return;
   }
   const auto opted = s.max_dynamic_shared.find(kernel);
-  const int limit = opted == s.max_dynamic_shared.end() ? kDefaultSharedLimit : std::max(kDefaultSharedLimit, opted->second);
+  const int opted_bytes = opted == s.max_dynamic_shared.end() ? 0 : opted->second;
+  const int limit = std::max(kDefaultSharedLimit, opted_bytes);
   if (shared_bytes < 0 || shared_bytes > limit) {
     s.last_error = cudaErrorInvalidValue;  // what the runtime answers past the opted-in size
     return;
