@@ -411,6 +411,12 @@ def _span(low, high, form) -> str:
     return form.format(low) if form.format(low) == form.format(high) else form.format(low) + "-" + form.format(high)
 
 
+def _class_cells(classes: dict | None = None) -> str:
+    """The instruction-class cells that end a table row (their names for the header row)."""
+    cells = (name if classes is None else classes[name] for name, _ in INSTRUCTION_CLASSES)
+    return " | ".join(map(str, cells)) + " |"
+
+
 def render_table(results: list[Result]) -> str:
     """Markdown: one table per target, a row per compile; ``S+O / floor`` on valid_attention's rows.
 
@@ -422,7 +428,7 @@ def render_table(results: list[Result]) -> str:
             f"sm_{arch} (shared memory limit {SHARED_LIMIT[arch] // 1024} KiB per block):",
             "",
             "| kernel | dtype | d | key mask | config (M, N, warps, stages) | regs | spill st/ld B | smem KiB "
-            "| loop instr | per tile | S+O / floor | " + " | ".join(name for name, _ in INSTRUCTION_CLASSES) + " |",
+            "| loop instr | per tile | S+O / floor | " + _class_cells(),
             "|---" * (11 + len(INSTRUCTION_CLASSES)) + "|",
         ]
         for r in (r for r in results if r.case.arch == arch):
@@ -447,8 +453,7 @@ def render_table(results: list[Result]) -> str:
             lines.append(
                 f"| {name} | {c.dtype} | {c.head_dim or '—'} | {mask} | {config} "
                 f"| {r.registers} | {spills} | {shared} | {loop} | {per_tile} | {ratio} | "
-                + " | ".join(str(r.loop_classes[n]) for n, _ in INSTRUCTION_CLASSES)
-                + " |"
+                + _class_cells(r.loop_classes)
             )
         lines.append("")
     return "\n".join(lines)
@@ -559,8 +564,7 @@ def render_cuda_table(results: list[CudaResult]) -> str:
         lines += [
             f"csrc/attention_stats.cu, sm_{arch} (64-row tiles, 4 warps):",
             "",
-            "| kernel | dtype | d | regs | stack/local B | per tile | floor per tile | S / floor | "
-            + " | ".join(name for name, _ in INSTRUCTION_CLASSES) + " |",
+            "| kernel | dtype | d | regs | stack/local B | per tile | floor per tile | S / floor | " + _class_cells(),
             "|---" * (8 + len(INSTRUCTION_CLASSES)) + "|",
         ]
         for r in (r for r in results if r.arch == arch):
@@ -573,8 +577,7 @@ def render_cuda_table(results: list[CudaResult]) -> str:
             lines.append(
                 f"| {r.kernel} | {r.dtype} | {r.head_dim} | {r.registers} | "
                 f"{local if local == '0/0' else f'**{local}**'} | {_span(low, high, '{}')} | {floor} | {ratio} | "
-                + " | ".join(str(r.loop_classes[n]) for n, _ in INSTRUCTION_CLASSES)
-                + " |"
+                + _class_cells(r.loop_classes)
             )
         lines.append("")
     return "\n".join(lines)
