@@ -11,11 +11,11 @@ float64 oracles, the way tests/test_cuda_attention.py compares the GPU's.
 
 Every dtype, head dim and output variant of the kernels runs (the 12 attention instantiations and the greedy's
 short-row ones), with odd N around the 64-row tiles, GQA, padding, all-padding rows, ``Nq < N``, strided
-views, copies landing late, outputs poisoned before the call, inputs with NaN on both sides. Four bugs planted
-in the kernel source (a barrier removed, shared memory one row short, no opt-in past 48 KiB, a lane exiting
-early) must show: the emulator is trusted with those bug classes because it catches them. What only a GPU shows
-(speed, register pressure, real instruction timing) is in bench/ and tests/test_cuda_compile.py. Skipped without
-a C++ compiler; the build takes ~10 s on 2 cores, once per run.
+views, copies landing late, outputs poisoned before the call, inputs with NaN on both sides. Five bugs planted
+in the kernel source (a barrier removed, a wait one group short, shared memory one buffer short, no opt-in past
+48 KiB, a lane exiting early) must show: the emulator is trusted with those bug classes because it catches
+them. What only a GPU shows (speed, register pressure, real instruction timing) is in bench/ and
+tests/test_cuda_compile.py. Skipped without a C++ compiler; the build takes ~10 s on 2 cores, once per run.
 """
 
 from __future__ import annotations
@@ -366,11 +366,15 @@ def _valid_attention_in_child(library: Path, inputs, tmp_path, env):
     return torch.load(tmp_path / "outputs.pt")
 
 
-# Bugs planted in attention_stats.cu: (text replaced, its replacement, head dim, what must show). Each shows
-# under the default mode (copies land when issued, the lowest warp runs first).
+# Bugs planted in attention_stats.cu: (text replaced, its replacement, head dim, what must show: an error, or
+# None for results that differ from the unplanted kernel's), under the default mode (copies land when issued,
+# the lowest warp runs first) unless MUTANT_MODES names another.
 MUTANTS = {
     # the first warp loads the next K tile while the others still read this one
     "missing_barrier": ("    __syncthreads();  // every warp is done with this K tile\n", "", 64, None),
+    # the loop waits for one copy group too few: this block's K tile may still be in flight when read
+    "missing_wait": ("      cp_async_wait<1>();  // K of this block", "      cp_async_wait<2>();  // K of this block", 64,
+                     None),
     # one buffer of key rows short: the second lies past the end of the dynamic shared memory
     "shared_one_row_short": ("4 * kTile * static_cast<int>(sizeof(float));",
                              "3 * kTile * static_cast<int>(sizeof(float));",
@@ -383,6 +387,7 @@ MUTANTS = {
                    "  const int lane = threadIdx.x & 31;\n  if (lane == 5) return;\n", 64,
                    r"cudaErrorIllegalAddress.*deadlock: 0 threads wait at __syncthreads, 124 at a warp-wide .* 4 finished"),
 }  # fmt: skip
+MUTANT_MODES = {"missing_wait": ("late", "ascending")}  # copies that land at issue hide a missing wait
 
 
 @pytest.mark.parametrize("mutant", MUTANTS)
@@ -393,7 +398,7 @@ def test_emulator_catches_planted_bugs(build, emulated, monkeypatch, tmp_path, m
     library = _mutant(build, original.replace(old, new, 1), mutant)
     q, k, v = _qkv(1, 2, 1, 150, d, torch.float16, seed=7)
     inputs = (q.contiguous(), k.contiguous(), v.contiguous(), _unmasked(1, 150, "random"))
-    _set_mode(monkeypatch, ("eager", "ascending"))
+    _set_mode(monkeypatch, MUTANT_MODES.get(mutant, MODES[0]))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
     result = _valid_attention_in_child(library, inputs, tmp_path, env)
