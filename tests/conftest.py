@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -58,6 +59,23 @@ def oracle_abar(q, k, attention_mask=None, scale=None):
         logits = logits.masked_fill(~attention_mask[:, None, None, :], float("-inf"))
     probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
     return probs.mean(1)
+
+
+class DeviceOpLog(TorchDispatchMode):
+    """The torch ops run inside that launch a device kernel: ``ops``, by name, in order. Allocations and views
+    (``HOST_ONLY``) launch nothing and are left out."""
+
+    HOST_ONLY = {"aten.empty.memory_format", "aten.view.dtype", "aten.detach.default", "aten.alias.default",
+                 "aten.unsqueeze.default"}  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) not in self.HOST_ONLY:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def oracle_lse(q, k, attention_mask):

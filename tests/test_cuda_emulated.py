@@ -33,11 +33,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from agdo_kernels import _cuda
 from agdo_kernels.reference import ordering as reference_ordering
-from conftest import gqa_sdpa, oracle_abar, oracle_influence, oracle_lse, padding_mask, stat_tolerance
+from conftest import DeviceOpLog, gqa_sdpa, oracle_abar, oracle_influence, oracle_lse, padding_mask, stat_tolerance
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATOR = ROOT / "tests" / "cuda_emulator"
@@ -269,22 +268,6 @@ def test_influence_matches_oracle(emulated, monkeypatch, mode, dtype, d):
 # --- host work per call -----------------------------------------------------------------------------------
 
 
-class _TorchOps(TorchDispatchMode):
-    """The aten ops run inside, allocations and views left out: what would launch a device kernel."""
-
-    FREE = ("aten.empty", "aten.view", "aten._unsafe_view", "aten.alias", "aten.as_strided", "aten.slice", "aten.select",
-            "aten.transpose", "aten.detach", "aten.lift_fresh")  # fmt: skip
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not str(func).startswith(self.FREE):
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_call_needs_one_torch_kernel(emulated):
     """Masks go over as bytes and the extension builds its key rows and base-2 lse itself: around the
     extension's launches (preparation + attention), a call runs only the head mean."""
@@ -293,9 +276,9 @@ def test_a_call_needs_one_torch_kernel(emulated):
     mask = padding_mask(B, N, "both").cpu()
     unmasked = _unmasked(B, N, "random")
     lse = oracle_lse(q, k, mask).float()
-    with _TorchOps() as valid:
+    with DeviceOpLog() as valid:
         _cuda.valid_attention(q, k, v, unmasked, mask, d**-0.5, True, True)
-    with _TorchOps() as influence:
+    with DeviceOpLog() as influence:
         _cuda.influence_sum(q, k, lse, mask, unmasked, d**-0.5)
     assert valid.ops == ["aten.mean.dim"] and influence.ops == ["aten.mean.dim"], (valid.ops, influence.ops)
 
@@ -373,8 +356,8 @@ MUTANTS = {
     # the first warp loads the next K tile while the others still read this one
     "missing_barrier": ("    __syncthreads();  // every warp is done with this K tile\n", "", 64, None),
     # the loop waits for one copy group too few: this block's K tile may still be in flight when read
-    "missing_wait": ("      cp_async_wait<1>();  // K of this block", "      cp_async_wait<2>();  // K of this block", 64,
-                     None),
+    "missing_wait": ("      cp_async_wait<1>();  // K of this block",
+                     "      cp_async_wait<2>();  // K of this block", 64, None),
     # one buffer of key rows short: the second lies past the end of the dynamic shared memory
     "shared_one_row_short": ("4 * kTile * static_cast<int>(sizeof(float));",
                              "3 * kTile * static_cast<int>(sizeof(float));",
@@ -385,7 +368,8 @@ MUTANTS = {
     # lane 5 of each warp leaves before the warp-wide instructions
     "lane_exits": ("  const int lane = threadIdx.x & 31;\n",
                    "  const int lane = threadIdx.x & 31;\n  if (lane == 5) return;\n", 64,
-                   r"cudaErrorIllegalAddress.*deadlock: 0 threads wait at __syncthreads, 124 at a warp-wide .* 4 finished"),
+                   r"cudaErrorIllegalAddress.*deadlock: 0 threads wait at __syncthreads, 124 at a warp-wide .* "
+                   r"4 finished"),
 }  # fmt: skip
 MUTANT_MODES = {"missing_wait": ("late", "ascending")}  # copies that land at issue hide a missing wait
 

@@ -6,7 +6,6 @@ from unittest import mock
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
@@ -81,21 +80,6 @@ def test_fp32_before_sm90_takes_the_kernels_own_tile(compiled):
     assert _common.pinned_config(CONFIGS, torch.bfloat16, 128, 80, sm80) == CONFIGS[0]
 
 
-# Torch ops that launch nothing on the device: allocations and views.
-_HOST_ONLY_OPS = {"aten.empty.memory_format", "aten.view.dtype", "aten.detach.default", "aten.alias.default",
-                  "aten.unsqueeze.default"}
-
-
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def _per_step_calls(device):
     gen = torch.Generator().manual_seed(0)
     B, H, Hkv, N, d = 2, 4, 2, 40, 16
@@ -121,7 +105,7 @@ def test_per_step_calls_are_four_launches_and_no_torch_kernels(call):
     """What Max-S decoding and the influence pass cost the host per call: exactly four Triton launches (prepare
     the per-key rows and zero the flags, scan the inputs, the statistics, average over heads) and no torch op
     that launches a kernel (a mask cast, a memset, an lse rescale would each be one more launch)."""
-    from conftest import BACKENDS, DEVICE
+    from conftest import BACKENDS, DEVICE, DeviceOpLog
 
     if "triton" not in BACKENDS:
         pytest.skip("Triton needs a CUDA device, or TRITON_INTERPRET=1 on CPU")
@@ -138,7 +122,7 @@ def test_per_step_calls_are_four_launches_and_no_torch_kernels(call):
             mock.patch.object(triton.runtime.interpreter.InterpretedFunction, "run", record), \
             mock.patch.object(triton.runtime.autotuner.Autotuner, "run", record):  # fmt: skip
         calls = _per_step_calls(DEVICE)
-        with _OpLog() as log:
+        with DeviceOpLog() as log:
             calls[call]()
     assert len(launches) == 4, launches
-    assert set(log.ops) <= _HOST_ONLY_OPS, sorted(set(log.ops) - _HOST_ONLY_OPS)
+    assert log.ops == [], log.ops
