@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -541,9 +541,9 @@ def _cuda_kernels(text: str, arch: int, workdir: Path) -> dict:
 def compile_cuda(arch: int) -> list[CudaResult]:
     """Every kernel of csrc/attention_stats.cu for ``arch``, valid_attention's beside its floor (no S)."""
     text = CUDA_SOURCE.read_text()
-    with tempfile.TemporaryDirectory() as workdir:
-        shipped = _cuda_kernels(text, arch, Path(workdir))
-        floor = _cuda_kernels(cuda_floor_source(text), arch, Path(workdir))
+    with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(2) as pool:  # two nvcc side by side
+        shipped, floor = pool.map(lambda source: _cuda_kernels(source, arch, Path(workdir)),
+                                  (text, cuda_floor_source(text)))  # fmt: skip
     results = []
     for (kind, dtype, d, output), (usage, sass) in sorted(shipped.items()):
         name = kind if kind == "influence" else f"{kind} {'S+O' if output else 'S'}"
