@@ -624,29 +624,23 @@ def main():
         version = subprocess.run([nvcc_path(), "--version"], capture_output=True, text=True).stdout
         release = re.search(r"release ([\d.]+)", version).group(1)
         table = f"nvcc {release}\n\n{render_cuda_table(results)}"
-        print(table)
-        if args.out:
-            Path(args.out).write_text(table)
-        if args.json:
-            Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
-        return
-    todo = cases(arches=args.arch, dtypes=args.dtype, head_dims=args.head_dim, kernels=args.kernel,
-                 all_configs=args.all_configs, floors=not args.no_floor, max_registers=args.max_registers,
-                 kv_heads=args.kv_heads)  # fmt: skip
-    results = []
-    # Every compile is forced (a cache hit has no ptxas report): keep their files out of Triton's cache.
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache  # inherited by the workers
-        for result in _compile_all(todo, min(args.jobs, len(todo))):
-            results.append(result)
-            print(f"[{len(results)}/{len(todo)}] {result.case}", file=sys.stderr, flush=True)
-    table = f"{toolchain()}\n\n{render_table(results)}"
+    else:
+        todo = cases(arches=args.arch, dtypes=args.dtype, head_dims=args.head_dim, kernels=args.kernel,
+                     all_configs=args.all_configs, floors=not args.no_floor, max_registers=args.max_registers,
+                     kv_heads=args.kv_heads)  # fmt: skip
+        results = []
+        # Every compile is forced (a cache hit has no ptxas report): keep their files out of Triton's cache.
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["TRITON_CACHE_DIR"] = cache  # inherited by the workers
+            for result in _compile_all(todo, min(args.jobs, len(todo))):
+                results.append(result)
+                print(f"[{len(results)}/{len(todo)}] {result.case}", file=sys.stderr, flush=True)
+        table = f"{toolchain()}\n\n{render_table(results)}"
     print(table)
     if args.out:
         Path(args.out).write_text(table)
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
-
 
 if __name__ == "__main__":
     main()
