@@ -39,9 +39,9 @@ EAGER_BUDGET_BYTES = 40 * 2**30 if ON_GPU else 2 * 2**30
 
 def _inputs(model, B, N, u_pattern="decoding"):
     """Random q/k/v and ``U``: ``decoding`` as semi-AR decoding leaves it (the first half — prompt and
-    decoded blocks — in U, half of the current 32-token block, nothing after: whole key blocks are all in or
-    all out, which the Triton kernel skips the per-key work for), ``random`` half of all keys (every key
-    block mixed: its slowest path)."""
+    decoded blocks — in U, half of the current 32-token block, nothing after), ``random`` half of all keys
+    (as pure diffusion leaves it). The Triton kernel visits U's keys first either way (gathered K/V rows in
+    the second case), the CUDA kernel does the same per-key work for both."""
     H, Hkv, d = MODELS[model]
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     q = torch.randn(B, H, N, d, device=DEVICE, dtype=DTYPE, generator=gen)

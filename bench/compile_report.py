@@ -7,8 +7,11 @@ range) holding the kernel's per-tile marker instruction — ``MUFU.EX2`` for the
 loop folds one key (or query) tile per iteration — and its instructions are counted, in total and by class.
 
 ``valid_attention`` is compiled twice per case: as shipped (S + O + lse) and with ``COMPUTE_S=False``, the
-same kernel without the statistic — the FlashAttention floor — so ``S+O / floor`` is the statistic's cost in
-hot-loop instructions.
+same kernel without the statistic and with keys read in place (no gather through the key order) — the
+FlashAttention floor, as a varlen kernel would run it (padding not visited, no mask per key) — so
+``S+O / floor`` is the statistic's cost in hot-loop instructions. Its ``per tile`` range runs from a key
+block outside U to the one block per row where U ends (a block all in U issues two instructions more than
+the first).
 
     python bench/compile_report.py --arch 90 80 --out report.md             # pinned configs
     python bench/compile_report.py --arch 90 80 --all-configs --out report.md
@@ -110,17 +113,10 @@ def _clean_flags(B, *tensors, flags):
     return flags.zero_()
 
 
-def _key_rows(unmasked, attention_mask, flags):
+def _key_order(unmasked, attention_mask, flags):
     B, N = unmasked.shape
     flags.zero_()
-    stride = (N + 15) // 16 * 16
-    u = torch.zeros(B, stride)
-    count = torch.zeros(B, stride + 1, dtype=torch.int32)
-    if attention_mask is None:
-        return u, count, None, None
-    bias = torch.zeros(B, stride)
-    bias[:, :N].masked_fill_(~attention_mask, float("-inf"))
-    return u, count, bias, torch.tensor([[0, N]] * B, dtype=torch.int32)
+    return torch.arange(N, dtype=torch.int32).repeat(B, 1), torch.tensor([[N // 2, N]] * B, dtype=torch.int32)
 
 
 def _counted_rows(lse, attention_mask, query_mask, flags):
@@ -236,7 +232,7 @@ def _launch_arguments(case: Case):
         stand_in = mock.patch.object(module, "_greedy_rank_kernel", _CaptureGridLaunch(module._greedy_rank_kernel))
     # The launches before the kernel (non-finite scan, per-key rows) get torch stand-ins on these CPU tensors.
     before = contextlib.ExitStack()
-    for name, stand_in_for in (("flag_nonfinite_rows", _clean_flags), ("key_rows", _key_rows),
+    for name, stand_in_for in (("flag_nonfinite_rows", _clean_flags), ("key_order", _key_order),
                                ("counted_rows", _counted_rows)):
         if hasattr(module, name):
             before.enter_context(mock.patch.object(module, name, stand_in_for))

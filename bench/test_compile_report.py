@@ -1,4 +1,5 @@
-"""CI check of ``bench/compile_report.py`` (no GPU): the pinned configs compile for sm_90 without spills.
+"""CI check of ``bench/compile_report.py`` (no GPU): the pinned configs compile for sm_90 without spills, and
+Triton's S+O stays within 1.10x of its FlashAttention floor.
 
 The report runs in a subprocess without ``TRITON_INTERPRET`` (the interpreter replaces the kernels by Python
 functions, so there would be nothing to compile). Cost: about a dozen ahead-of-time compiles.
@@ -46,9 +47,10 @@ def run_report(tmp_path, *args) -> tuple[list[dict], str]:
 
 @pytest.fixture(scope="module")
 def pinned_sm90(tmp_path_factory):
-    """Every kernel's pinned config for sm_90, bf16, head dim 128, with and without a key mask."""
+    """Every kernel's pinned config for sm_90, bf16, head dim 128, with and without a key mask (valid_attention
+    also as its FlashAttention floor)."""
     pinned = tmp_path_factory.mktemp("pinned")
-    return run_report(pinned, "--arch", "90", "--dtype", "bf16", "--head-dim", "128", "--no-floor")
+    return run_report(pinned, "--arch", "90", "--dtype", "bf16", "--head-dim", "128")
 
 
 def _spills(row):
@@ -61,6 +63,20 @@ def test_pinned_configs_do_not_spill(pinned_sm90):
     assert not spilling, "register spills in shipped configs:\n" + "\n".join(
         f"{row['case']}:\n{row['ptxas_log']}" for row in spilling
     )
+
+
+def test_valid_attention_meets_the_floor_target(pinned_sm90):
+    """Triton's S+O on sm_90: a key block issues at most 1.10x the floor's instructions, except the one block
+    per row where U ends (the longest path). The shortest path is a block outside U; a block all in U adds its
+    row sum to S (2 FADDs more), hence the + 2."""
+    rows, table = pinned_sm90
+    attention = [row for row in rows if row["case"]["kernel"] == "valid_attention"]
+    floors = {row["case"]["key_mask"]: row for row in attention if row["case"]["floor"]}
+    shipped = [row for row in attention if not row["case"]["floor"]]
+    assert len(shipped) == len(floors) == 2, table
+    for row in shipped:
+        floor = floors[row["case"]["key_mask"]]["loop_paths"][0]
+        assert floor > 0 and row["loop_paths"][0] + 2 <= 1.10 * floor, table
 
 
 def test_report_table_renders(pinned_sm90):

@@ -26,7 +26,7 @@ def test_matches_oracle(backend, shape, dtype, norm):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_properties(backend, dtype):
-    B, H, Hkv, N, d = 3, 8, 2, 53, 32
+    B, H, Hkv, N, d = 3, 4, 2, 53, 32
     q, k, _ = random_qkv(B, H, Hkv, N, d, dtype)
     mask = padding_mask(B, N, "both")
     n_rows = mask.sum(-1).double()

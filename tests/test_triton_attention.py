@@ -298,14 +298,14 @@ def test_strided_inputs_match_contiguous():
 
 
 @pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no_mask"])
-def test_key_rows_bias_extents_and_running_count(with_mask):
-    """The launcher's one-launch per-key rows: U as float32, the running count of U keys before each position,
-    and with a mask the additive bias and [first real key, last real key + 1) per row (holes inside the
-    extent stay in the bias; a row without real keys gets an empty extent); the non-finite flags zeroed."""
-    from agdo_kernels.triton.valid_attention import key_rows
+def test_key_order_puts_u_first_and_leaves_padding_out(with_mask):
+    """The launcher's one-launch key order: per row the real keys of U ascending, then the other real keys
+    ascending (padding nowhere, also not a padded key of U), with the counts [keys of U, real keys]; rows
+    longer than one 1024-key chunk of the kernel, a row without real keys; the non-finite flags zeroed."""
+    from agdo_kernels.triton.valid_attention import key_order
 
     gen = torch.Generator().manual_seed(5)
-    mask = torch.rand(5, 1500, generator=gen) < 0.7  # longer than one 1024-key chunk of the kernel
+    mask = torch.rand(5, 1500, generator=gen) < 0.7
     mask[1, :700] = False
     mask[2, 1100:] = False
     mask[3] = False
@@ -314,38 +314,34 @@ def test_key_rows_bias_extents_and_running_count(with_mask):
     unmasked[0] = True
     unmasked[1, 300:1200] = False
     flags = torch.full((5,), 7, dtype=torch.int32, device=DEVICE)
-    u, count, bias, extent = key_rows(unmasked.to(DEVICE), mask.to(DEVICE) if with_mask else None, flags)
+    order, counts = key_order(unmasked.to(DEVICE), mask.to(DEVICE) if with_mask else None, flags)
     assert torch.equal(flags.cpu(), torch.zeros(5, dtype=torch.int32))  # the non-finite flags, zeroed
-    assert u.shape == (5, 1504) and count.shape == (5, 1505)  # rows padded to a multiple of 16 keys
-    assert torch.equal(u[:, :1500].cpu(), unmasked.float())
-    expected_count = torch.cat([torch.zeros(5, 1, dtype=torch.int64), unmasked.long().cumsum(1)], 1)
-    assert count.dtype == torch.int32 and torch.equal(count[:, :1501].cpu().long(), expected_count)
-    if not with_mask:
-        assert bias is None and extent is None
-        return
-    assert bias.shape == u.shape
-    expected_bias = torch.zeros(5, 1500).masked_fill(~mask, float("-inf"))
-    assert torch.equal(bias[:, :1500].cpu(), expected_bias)
+    assert order.dtype == counts.dtype == torch.int32 and order.shape == (5, 1500) and counts.shape == (5, 2)
     for b in range(5):
-        real = mask[b].nonzero().flatten().tolist()
-        expected = (real[0], real[-1] + 1) if real else (1500, 0)
-        assert tuple(extent[b].tolist()) == expected, b
+        real = [j for j in range(1500) if not with_mask or mask[b, j]]
+        in_u = [j for j in real if unmasked[b, j]]
+        expected = in_u + [j for j in real if not unmasked[b, j]]
+        assert counts[b].tolist() == [len(in_u), len(real)], b
+        assert order[b, : len(real)].tolist() == expected, b
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_valid_attention_with_whole_key_blocks_in_or_out_of_u(dtype):
-    """U as decoding makes it: whole key blocks in U (prompt, decoded blocks), whole blocks out (the masked
-    suffix) and blocks that mix both — with the interpreter's 16-key blocks, every kind in each row, with
-    padding on the left. The kernel takes a shortcut on the uniform blocks: S must not change."""
-    B, H, Hkv, N, d = 3, 4, 2, 86, 32
+def test_valid_attention_visits_keys_in_u_first(dtype):
+    """The kernel visits each row's real keys of U first, then the rest, and skips whole blocks' per-key work
+    except where U ends. With the interpreter's 16-key blocks, rows whose order puts U's end on a block
+    boundary, U scattered as pure diffusion leaves it, every real key in U (the ragged last block in U), and
+    no key in U; with left padding, and padded keys in U (callers pass the prompt's padding in U)."""
+    B, H, Hkv, N, d = 4, 4, 2, 86, 32
     q, k, v = make_inputs((B, H, Hkv, N, d), dtype, seed=11)
-    mask = make_padding(B, N, "left", seed=11)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    for b, padding in enumerate((6, 0, 5, 9)):
+        mask[b, :padding] = False
     unmasked = torch.zeros(B, N, dtype=torch.bool)
-    unmasked[:, :32] = True  # two whole blocks in U (the padding inside them is in U too, as callers pass it)
-    unmasked[0, 32:48] = True
-    unmasked[1, 40:70] = torch.rand(30, generator=torch.Generator().manual_seed(1)) < 0.5  # mixed, then out
-    unmasked[2, 64:86] = True  # the ragged last block (80..85) in U
+    unmasked[0, :38] = True  # 32 real keys of U: U ends on a block boundary
+    unmasked[1] = torch.rand(N, generator=torch.Generator().manual_seed(1)) < 0.5
+    unmasked[2] = True
     unmasked = unmasked.to(DEVICE)
+    mask = mask.to(DEVICE)
     scale = 1 / math.sqrt(d)
 
     s, out, _ = valid_attention(q, k, v, unmasked, mask, scale, True, False)
