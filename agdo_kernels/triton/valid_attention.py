@@ -112,7 +112,8 @@ def _attend_key_block(
         if start_n + BLOCK_N <= n_u:  # every key in U
             unmasked_sum += tile_sum
         elif start_n < n_u:  # the one block where U ends
-            unmasked_sum += tl.sum(tl.where((offs_n < n_u)[None, :], p, 0.0), 1)
+            in_u = tl.arange(0, BLOCK_N) < (n_u - start_n).to(tl.int32)  # 32-bit compares, not 64-bit
+            unmasked_sum += tl.sum(tl.where(in_u[None, :], p, 0.0), 1)
     if RETURN_OUTPUT:
         v = load_tile(v_base, key, n_real, stride_vn, tl.arange(0, DV), stride_vd, BOUNDARY and not COMPUTE_S)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
