@@ -7,7 +7,8 @@ baseline:
   (b) stock SDPA with the mask appended to V as an extra column (S per head from any fused kernel),
   (c) the chunked torch reference, (d) the Triton kernel and (e) the CUDA kernel of csrc/ (GPU only; the
   CUDA one where the extension is built), (f) flash-attn's ``flash_attn_func`` forward (flash-attn-4, else
-  flash-attn 2; where installed) as a second attention-only baseline.
+  flash-attn 2; where installed) as a second attention-only baseline, (g) the Triton kernel without S
+  (its FlashAttention floor): Triton / floor is what S costs on the device.
 - ``influence``: the same SDPA forward as time baseline; eager column sums, the torch reference, Triton,
   CUDA.
 Shapes: the last layer of Dream (H=28, Hkv=4, d=128) and LLaDA (H=Hkv=32, d=128). GPU: bf16, N up to
@@ -31,7 +32,7 @@ DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 MODELS = {"dream": (28, 4, 128), "llada": (32, 32, 128)}
 SIZES = [(b, n) for b in (1, 8) for n in (512, 1024, 2048, 4096, 8192)] if ON_GPU else [(1, 128), (1, 256)]
 # The kernels whose time depends on U (the baseline is timed beside them); random U at these lengths only.
-U_SENSITIVE = ("sdpa_forward", "triton", "cuda")
+U_SENSITIVE = ("sdpa_forward", "triton", "triton_floor", "cuda")
 RANDOM_U_LENGTHS = (1024, 4096) if ON_GPU else (128,)
 # Eager materialises B*H*N*N probabilities (fp32 softmax + bf16 copy); skip it where that cannot fit.
 EAGER_BUDGET_BYTES = 40 * 2**30 if ON_GPU else 2 * 2**30
@@ -80,6 +81,13 @@ def _flash_attn_func():
         return None
 
 
+def triton_floor(*args, **kwargs):
+    """The Triton backend's launcher (imported here: Triton may be missing where the GPU cases skip)."""
+    from agdo_kernels.triton.valid_attention import valid_attention
+
+    return valid_attention(*args, **kwargs)
+
+
 def _eager_probs(q, k):
     g = q.shape[1] // k.shape[1]
     logits = torch.matmul(q, k.repeat_interleave(g, 1).transpose(-1, -2)) / math.sqrt(q.shape[-1])
@@ -108,7 +116,7 @@ def eager_influence(q, k):
 
 
 def _skip_unavailable(impl, op):
-    if impl == "triton" and not ON_GPU:
+    if impl in ("triton", "triton_floor") and not ON_GPU:
         pytest.skip("Triton is timed on a GPU only (the CPU interpreter is a correctness tool)")
     if impl == "cuda":
         reason = agdo_kernels.available_backends(DEVICE)[op]["cuda"]
@@ -125,8 +133,11 @@ def _eager_fits(model, B, N):
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("B,N", SIZES)
 @pytest.mark.parametrize("impl", ["sdpa_forward", "flash_attn", "eager", "sdpa_mask_column", "torch_reference", "triton",
-                                  "cuda"])
+                                  "triton_floor", "cuda"])
 def test_valid_attention(measure, model, B, N, impl, u_pattern):
+    """S+O beside the attention alone. ``triton_floor`` is the Triton kernel without S and without its gather
+    (the compile report's floor; the backend's launcher directly, without the public API's argument checks),
+    so ``triton / triton_floor`` is what S costs on the device; ``U=random`` also runs it as U's control."""
     if u_pattern == "random" and (impl not in U_SENSITIVE or N not in RANDOM_U_LENGTHS):
         pytest.skip("U only changes the fused kernels' time: random U is timed for them (and SDPA) at two lengths")
     q, k, v, unmasked = _inputs(model, B, N, u_pattern)
@@ -140,6 +151,7 @@ def test_valid_attention(measure, model, B, N, impl, u_pattern):
         "sdpa_mask_column": lambda: sdpa_with_mask_column(q, k, v, unmasked),
         "torch_reference": lambda: agdo_kernels.valid_attention(q, k, v, unmasked=unmasked, return_output=True, backend="torch"),
         "triton": lambda: agdo_kernels.valid_attention(q, k, v, unmasked=unmasked, return_output=True, backend="triton"),
+        "triton_floor": lambda: triton_floor(q, k, v, unmasked, None, q.shape[-1] ** -0.5, True, False, compute_s=False),
         "cuda": lambda: agdo_kernels.valid_attention(q, k, v, unmasked=unmasked, return_output=True, backend="cuda"),
     }
     _skip_unavailable(impl, "valid_attention")

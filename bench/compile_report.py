@@ -154,7 +154,7 @@ def _attention_inputs(case):
 def _call_valid_attention(module, case):
     q, k, mask, _ = _attention_inputs(case)
     unmasked = torch.ones(1, SEQ_LEN, dtype=torch.bool)
-    module.valid_attention(q, k, k, unmasked, mask, 0.1, return_output=True, return_lse=True)
+    module.valid_attention(q, k, k, unmasked, mask, 0.1, return_output=True, return_lse=True, compute_s=not case.floor)
 
 
 def _call_influence(module, case):
@@ -248,8 +248,6 @@ def _launch_arguments(case: Case):
         from agdo_kernels.triton._common import FP_FUSION
 
         kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, enable_fp_fusion=FP_FUSION)  # as _common.launch
-    if case.floor:
-        kwargs["COMPUTE_S"] = False
     if case.max_registers:
         kwargs["maxnreg"] = case.max_registers
     return kernel, args, kwargs

@@ -353,6 +353,20 @@ def test_valid_attention_visits_keys_in_u_first(dtype):
     torch.testing.assert_close(out.double(), expected_out, atol=OUT_TOL[dtype], rtol=OUT_TOL[dtype])
 
 
+def test_floor_without_s_is_plain_attention():
+    """bench/'s FlashAttention floor (``compute_s=False``: no S, keys read in place) must be real attention, or
+    timing the shipped kernel against it says nothing: O and lse as the naive softmax, on odd N and GQA."""
+    B, H, Hkv, N, d = 2, 4, 2, 37, 32
+    q, k, v = make_inputs((B, H, Hkv, N, d), torch.float32, seed=12)
+    scale = 1 / math.sqrt(d)
+    unmasked = torch.ones(B, N, dtype=torch.bool, device=DEVICE)
+    _, out, lse = valid_attention(q, k, v, unmasked, None, scale, True, True, compute_s=False)
+    probs, expected_lse = naive_probs(q, k, None, scale)
+    expected_out = probs @ v.double().repeat_interleave(H // Hkv, 1)
+    torch.testing.assert_close(out.double(), expected_out, atol=OUT_TOL[torch.float32], rtol=OUT_TOL[torch.float32])
+    torch.testing.assert_close(lse.double(), expected_lse, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("with_masks", [True, False], ids=["masks", "no_masks"])
 def test_counted_rows_lse_extents_and_flags(with_masks):
     """influence's one-launch preparation: base-2 lse of counted rows (+inf elsewhere) from a strided lse,

@@ -163,7 +163,7 @@ def _valid_attention_kernel(
     HAS_KEY_MASK: tl.constexpr,
     RETURN_OUTPUT: tl.constexpr,
     RETURN_LSE: tl.constexpr,
-    COMPUTE_S: tl.constexpr,  # False only in bench/compile_report.py: the FlashAttention floor
+    COMPUTE_S: tl.constexpr,  # False only in bench/: the FlashAttention floor
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -275,8 +275,11 @@ def key_order(unmasked: torch.Tensor, attention_mask: torch.Tensor | None, flags
     return order, counts
 
 
-def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, return_lse):
-    """Triton twin of ``reference.attention.valid_attention``: ``(s, out, lse)`` from one pass."""
+def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, return_lse, *, compute_s=True):
+    """Triton twin of ``reference.attention.valid_attention``: ``(s, out, lse)`` from one pass.
+
+    ``compute_s=False`` runs the FlashAttention floor for bench/ (the same launches, the kernel without S and
+    without the gather: ``O`` and ``lse`` are right only without padding, ``s`` is meaningless)."""
     check_supported(q, v if return_output else None)
     B, H, Nq, d = q.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -309,7 +312,7 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
         *(out.stride() if return_output else (0, 0, 0, 0)),
         H, H // Hkv, Nq, N, tuning_bucket(N), scale * LOG2E,
         HEAD_DIM=d, DV=dv, HAS_KEY_MASK=attention_mask is not None,
-        RETURN_OUTPUT=bool(return_output), RETURN_LSE=bool(return_lse), COMPUTE_S=True,
+        RETURN_OUTPUT=bool(return_output), RETURN_LSE=bool(return_lse), COMPUTE_S=compute_s,
         DOT_PRECISION=dot_precision(q.dtype),
         gpu_configs=_GPU_CONFIGS, sm80_fp32_config=_SM80_FP32_CONFIG, dtype=q.dtype, head_dim=d, device=device,
     )  # fmt: skip
