@@ -94,14 +94,14 @@ def _attend_key_block(
             key = tl.load(order_row + offs_n, mask=offs_n < n_real, other=0)
         else:
             key = tl.load(order_row + offs_n)
-    else:  # the FlashAttention floor (compile report only): keys in place, no gather
+    else:  # the FlashAttention floor (bench/ only): keys in place, no gather
         key = offs_n
     k = load_tile(k_base, key, n_real, stride_kn, tl.arange(0, HEAD_DIM), stride_kd, BOUNDARY and not COMPUTE_S)
     logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if BOUNDARY:
         logits = logits + tl.where(offs_n < n_real, 0.0, float("-inf"))[None, :]
     new_max = tl.maximum(row_max, tl.max(logits, 1) * qk_scale)
-    # A row that has only seen padded keys keeps max -inf: subtract 0 instead so exp2 gives 0, not NaN.
+    # A row max still at -inf (no finite logit seen yet) subtracts 0 instead, so exp2 gives 0, not NaN.
     ref = tl.where(new_max == float("-inf"), 0.0, new_max)
     alpha = tl.math.exp2(row_max - ref)
     p = tl.math.exp2(logits * qk_scale - ref[:, None])
