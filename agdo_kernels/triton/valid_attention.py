@@ -9,7 +9,8 @@ deterministic, no atomics on the statistics.
 
 Keys are visited in the row's *key order* (:func:`key_order`, one launch per call): the real keys of ``U``
 first, then the other real keys, each group ascending; padding is not visited at all. Softmax, ``O`` and
-``lse`` do not depend on the order in which keys are summed, and in that order every key block is all in
+``lse`` do not depend on the order in which keys are summed (their rounding does: the same ``q, k, v`` under
+another ``U`` can differ in the last bits, deterministically), and in that order every key block is all in
 ``U`` (it adds the row sum it already has) or all out (it adds nothing), except the one block where ``U``
 ends: S costs no per-key work on any other block, whatever ``U`` looks like (pure diffusion scatters it),
 and padding costs neither a mask nor a visit. K and V rows are gathered through the order (16-byte
