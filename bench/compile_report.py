@@ -10,8 +10,8 @@ loop folds one key (or query) tile per iteration — and its instructions are co
 same kernel without the statistic and with keys read in place (no gather through the key order) — the
 FlashAttention floor, as a varlen kernel would run it (padding not visited, no mask per key) — so
 ``S+O / floor`` is the statistic's cost in hot-loop instructions. Its ``per tile`` range runs from a key
-block outside U to the one block per row where U ends (a block all in U issues two instructions more than
-the first).
+block all in U to the one block per row where U ends (a block outside U issues two instructions more than
+the first: the test that it is not the block where U ends).
 
     python bench/compile_report.py --arch 90 80 --out report.md             # pinned configs
     python bench/compile_report.py --arch 90 80 --all-configs --out report.md

@@ -67,8 +67,8 @@ def test_pinned_configs_do_not_spill(pinned_sm90):
 
 def test_valid_attention_meets_the_floor_target(pinned_sm90):
     """Triton's S+O on sm_90: a key block issues at most 1.10x the floor's instructions, except the one block
-    per row where U ends (the longest path). The shortest path is a block outside U; a block all in U adds its
-    row sum to S (2 FADDs more), hence the + 2."""
+    per row where U ends (the longest path). The shortest path is a block all in U; a block outside U issues 2
+    instructions more (the test that it is not the block where U ends), hence the + 2."""
     rows, table = pinned_sm90
     attention = [row for row in rows if row["case"]["kernel"] == "valid_attention"]
     floors = {row["case"]["key_mask"]: row for row in attention if row["case"]["floor"]}
