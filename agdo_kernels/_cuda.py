@@ -9,8 +9,10 @@ this module prepares the inputs on the right device first. Inputs arrive validat
   are read in place through their ``(B, H, N)`` strides — e.g. the ``(B, N, H, d).transpose(1, 2)`` views
   transformers hands over — when ``d`` has unit stride, the other strides are multiples of 8 elements and the
   data is 16-byte aligned (the kernels copy 16-byte chunks); other layouts are copied to contiguous first.
-  Masks go over as bytes; the extension builds the per-key rows the kernels read from them itself (a call is
-  two launches). Each program writes its head's row to a ``(B, H, ·)`` float32 buffer and the head average
+  Masks go over as bytes; the extension builds what the kernels read from them itself (a call is two launches):
+  ``valid_attention`` visits each row's keys in a key order, the real keys of ``U`` first, then the other real
+  keys, never the padded ones, so ``S`` costs an add per key tile. O and lse are sums in that order: the same
+  q, k, v under another ``U`` may round differently in the last bits (deterministically; S is exact either way). Each program writes its head's row to a ``(B, H, ·)`` float32 buffer and the head average
   is one torch mean afterwards (deterministic, no atomics).
 
 Without a GPU, tests/test_cuda_emulated.py runs these functions on CPU tensors: it swaps ``_extension`` for the
@@ -157,15 +159,16 @@ def valid_attention(q, k, v, unmasked, attention_mask, scale, return_output, ret
         k_in, k_stride = _kernel_layout(k)
         v_in, v_stride = _kernel_layout(v) if return_output else (None, (0, 0, 0))
         masks = _mask_bytes(attention_mask), _mask_bytes(unmasked)
-        # The kernels write every element of these (each row once; the key rows first, from the masks).
-        key_rows = torch.empty(B, 2, _padded(N), dtype=torch.float32, device=device)
+        # The kernels write every element of these (each row once; the key order first, from the masks).
+        key_order = torch.empty(B, _padded(N), dtype=torch.int32, device=device)
+        key_counts = torch.empty(B, 2, dtype=torch.int32, device=device)
         s_part = torch.empty(B, H, Nq, dtype=torch.float32, device=device)
         out = torch.empty(B, H, Nq, d, dtype=q.dtype, device=device) if return_output else None
         lse = torch.empty(B, H, Nq, dtype=torch.float32, device=device) if return_lse else None
         _extension.valid_attention(
             q_in.data_ptr(), k_in.data_ptr(), _address(v_in), q_stride, k_stride, v_stride, *map(_address, masks),
-            key_rows.data_ptr(), s_part.data_ptr(), _address(out), _address(lse), B, H, Hkv, Nq, N, key_rows.shape[2],
-            d, _attention_dtype_code(q.dtype), float(scale) * _LOG2E, device_index, stream,
+            key_order.data_ptr(), key_counts.data_ptr(), s_part.data_ptr(), _address(out), _address(lse), B, H, Hkv,
+            Nq, N, key_order.shape[1], d, _attention_dtype_code(q.dtype), float(scale) * _LOG2E, device_index, stream,
         )  # fmt: skip
     s = s_part.mean(1)
     return s, out, lse
@@ -185,12 +188,14 @@ def influence_sum(q, k, lse, attention_mask, query_mask, scale):
         k_in, k_stride = _kernel_layout(k)
         masks = _mask_bytes(attention_mask), _mask_bytes(query_mask)
         lse_rows = lse.to(torch.float32).contiguous()
-        # Written by the extension: the rows' base-2 lse (+inf where a row does not count), then every element.
+        # Written by the extension: the rows' base-2 lse (+inf where a row does not count) and the extent of the
+        # counted rows and real keys (the tiles outside are skipped), then every element.
         lse2 = torch.empty(B, H, _padded(N), dtype=torch.float32, device=device)
+        extent = torch.empty(B, 4, dtype=torch.int32, device=device)
         part = torch.empty(B, H, N, dtype=torch.float32, device=device)
         _extension.influence_sum(
             q_in.data_ptr(), k_in.data_ptr(), q_stride, k_stride, lse_rows.data_ptr(), *map(_address, masks),
-            lse2.data_ptr(), part.data_ptr(), B, H, Hkv, N, lse2.shape[2], d, _attention_dtype_code(q.dtype),
-            float(scale) * _LOG2E, device_index, stream,
+            lse2.data_ptr(), extent.data_ptr(), part.data_ptr(), B, H, Hkv, N, lse2.shape[2], d,
+            _attention_dtype_code(q.dtype), float(scale) * _LOG2E, device_index, stream,
         )  # fmt: skip
     return part.mean(1)

@@ -230,7 +230,8 @@ def _launch_arguments(case: Case):
         stand_in = mock.patch.object(module, "launch", _capture_launch)
     else:
         stand_in = mock.patch.object(module, "_greedy_rank_kernel", _CaptureGridLaunch(module._greedy_rank_kernel))
-    # The launches before the kernel (non-finite scan, per-key rows) get torch stand-ins on these CPU tensors.
+    # The launches before the kernel (non-finite scan, key order, counted rows) get torch stand-ins on these CPU
+    # tensors.
     before = contextlib.ExitStack()
     for name, stand_in_for in (("flag_nonfinite_rows", _clean_flags), ("key_order", _key_order),
                                ("counted_rows", _counted_rows)):
@@ -466,11 +467,23 @@ def toolchain() -> str:
 # ---------------------------------------------------------------------------------------------- CUDA kernels
 
 CUDA_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "attention_stats.cu"
-# The lines of csrc/attention_stats.cu that compute S: cut (or replaced) to make its floor.
+# The lines of csrc/attention_stats.cu that compute S: cut (or replaced) to make its floor. The floor reads the
+# keys in place (position i is key i, no key order to load), over the real keys only, as a varlen
+# FlashAttention runs a padded batch.
 CUDA_S_LINES = (
-    ("      const float2 u = *reinterpret_cast<const float2*>(key_tile + kTile + 8 * j + 2 * quad_col);\n", ""),
-    ("          block_u[r] = fmaf(p, c == 0 ? u.x : u.y, block_u[r]);  // S: one FFMA per logit\n", ""),
+    ("  int key = order[tile_row];", "  int key = tile_row;"),
+    ("  if (n_blocks > 1) key = order[kTile + tile_row];", "  key = kTile + tile_row;"),
+    ("    if (block + 2 < n_blocks) key = order[(block + 2) * kTile + tile_row];",
+     "    key = (block + 2) * kTile + tile_row;"),
+    ("    tile_u_sum(block_u, s, block_sum, n_u - block * kTile, quad_col);  // S\n",
+     "    block_u[0] = block_u[1] = 0.0f;\n"),
     ("args.s_part[index] = real_row ? u * inverse : 0.0f;", "args.s_part[index] = 0.0f;"),
+)
+# The branches only edge tiles take, cut to measure the steady tile: the one last tile masks its positions past
+# the real keys, the one tile where U ends sums p over part of it. Every other tile is all in U or all out.
+CUDA_EDGE_LINES = (
+    ("    if (real_in_tile < kTile) {", "    if (false) {"),
+    ("  if (in_u <= 0) return;", "  return;"),
 )
 _CUDA_KERNEL = re.compile(r"(valid_attention_kernel|influence_kernel)I(6__half|13__nv_bfloat16)Li(\d+)E(?:Lb([01])E)?")
 
@@ -484,8 +497,9 @@ class CudaResult:
     registers: int
     stack_bytes: int
     local_bytes: int
-    loop_paths: tuple[int, int]  # one iteration (one key or query tile), shortest and longest path
+    loop_paths: tuple[int, int]  # a steady iteration (one key or query tile), shortest and longest path
     floor_paths: tuple[int, int] | None  # the same kernel without S (valid_attention only)
+    edge_paths: tuple[int, int] | None  # the longest iteration with its edge branches: kernel, floor
     loop_classes: dict = field(default_factory=dict)
 
 
@@ -498,12 +512,20 @@ def nvcc_path() -> str | None:
     return shutil.which("nvcc")
 
 
-def cuda_floor_source(text: str) -> str:
-    for old, new in CUDA_S_LINES:
+def _substitute(text: str, lines, kind: str, constant: str) -> str:
+    for old, new in lines:
         if old not in text:
-            raise ValueError(f"csrc/attention_stats.cu no longer has the S line {old.strip()!r}: update CUDA_S_LINES")
+            raise ValueError(f"csrc/attention_stats.cu no longer has the {kind} line {old.strip()!r}: update {constant}")
         text = text.replace(old, new)
     return text
+
+
+def cuda_floor_source(text: str) -> str:
+    return _substitute(text, CUDA_S_LINES, "S", "CUDA_S_LINES")
+
+
+def cuda_steady_source(text: str) -> str:
+    return _substitute(text, CUDA_EDGE_LINES, "edge", "CUDA_EDGE_LINES")
 
 
 def _cuda_kernels(text: str, arch: int, workdir: Path) -> dict:
@@ -533,45 +555,53 @@ def _cuda_kernels(text: str, arch: int, workdir: Path) -> dict:
 
 
 def compile_cuda(arch: int) -> list[CudaResult]:
-    """Every kernel of csrc/attention_stats.cu for ``arch``, valid_attention's beside its floor (no S)."""
+    """Every kernel of csrc/attention_stats.cu for ``arch``, valid_attention's beside its floor (no S): the steady
+    tile (edge branches cut) and the longest iteration with them."""
     text = CUDA_SOURCE.read_text()
+    sources = (text, cuda_floor_source(text), cuda_steady_source(text), cuda_steady_source(cuda_floor_source(text)))
     with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(2) as pool:  # two nvcc side by side
-        shipped, floor = pool.map(lambda source: _cuda_kernels(source, arch, Path(workdir)),
-                                  (text, cuda_floor_source(text)))  # fmt: skip
+        shipped, floor, steady, steady_floor = pool.map(lambda source: _cuda_kernels(source, arch, Path(workdir)),
+                                                        sources)  # fmt: skip
     results = []
-    for (kind, dtype, d, output), (usage, sass) in sorted(shipped.items()):
+    for key, (usage, sass) in sorted(shipped.items()):
+        kind, dtype, d, output = key
         name = kind if kind == "influence" else f"{kind} {'S+O' if output else 'S'}"
-        floor_sass = floor[(kind, dtype, d, output)][1]
+        floors = None
+        if kind == "valid_attention":
+            edges = loop_paths(sass, "MUFU.EX2")[1], loop_paths(floor[key][1], "MUFU.EX2")[1]
+            floors = loop_paths(steady_floor[key][1], "MUFU.EX2"), edges
         results.append(CudaResult(
-            name, dtype, d, arch, usage["REG"], usage["STACK"], usage["LOCAL"], loop_paths(sass, "MUFU.EX2"),
-            loop_paths(floor_sass, "MUFU.EX2") if kind == "valid_attention" else None,
-            instruction_classes(hot_loop(sass, "MUFU.EX2")),
+            name, dtype, d, arch, usage["REG"], usage["STACK"], usage["LOCAL"], loop_paths(steady[key][1], "MUFU.EX2"),
+            *(floors or (None, None)), instruction_classes(hot_loop(sass, "MUFU.EX2")),
         ))  # fmt: skip
     return results
 
 
 def render_cuda_table(results: list[CudaResult]) -> str:
-    """Markdown, one table per target; ``per tile`` is what one iteration issues (shortest-longest path: the
-    last tile issues no loads), ``S / floor`` compares it with the same kernel without S."""
+    """Markdown, one table per target. ``per tile`` is what a steady iteration issues (shortest-longest path: the
+    last tile issues no loads), ``S / floor`` compares it with the same kernel without S. ``edge tile``: the
+    longest iteration with the branches of the two edge tiles (the last one's mask, the one where U ends)."""
     lines = []
     for arch in sorted({r.arch for r in results}, reverse=True):
         lines += [
             f"csrc/attention_stats.cu, sm_{arch} (64-row tiles, 4 warps):",
             "",
-            "| kernel | dtype | d | regs | stack/local B | per tile | floor per tile | S / floor | " + _class_cells(),
-            "|---" * (8 + len(INSTRUCTION_CLASSES)) + "|",
+            "| kernel | dtype | d | regs | stack/local B | per tile | floor per tile | S / floor | edge tile / floor "
+            "| " + _class_cells(),
+            "|---" * (9 + len(INSTRUCTION_CLASSES)) + "|",
         ]
         for r in (r for r in results if r.arch == arch):
             low, high = r.loop_paths
-            floor, ratio = "—", "—"
+            floor, ratio, edge = "—", "—", "—"
             if r.floor_paths:
                 floor = _span(*r.floor_paths, "{}")
                 ratio = _span(low / r.floor_paths[0], high / r.floor_paths[1], "{:.2f}") + "x"
+                edge = f"{r.edge_paths[0]} / {r.edge_paths[1]} = {r.edge_paths[0] / r.edge_paths[1]:.2f}x"
             local = f"{r.stack_bytes}/{r.local_bytes}"
             lines.append(
                 f"| {r.kernel} | {r.dtype} | {r.head_dim} | {r.registers} | "
                 f"{local if local == '0/0' else f'**{local}**'} | {_span(low, high, '{}')} | {floor} | {ratio} | "
-                + _class_cells(r.loop_classes)
+                f"{edge} | " + _class_cells(r.loop_classes)
             )
         lines.append("")
     return "\n".join(lines)

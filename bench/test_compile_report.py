@@ -172,7 +172,8 @@ def test_hot_loop_is_the_innermost_loop_with_the_marker():
 @pytest.mark.skipif(compile_report.nvcc_path() is None, reason="nvcc not found (CUDA_HOME, CUDA_PATH, PATH)")
 def test_cuda_kernels_meet_the_floor_target():
     """csrc/attention_stats.cu on sm_90: no local memory, and S+O issues at most 1.10x the instructions of the
-    same kernel without S on every key tile that loads the next one (all but the last)."""
+    same kernel without S (reading the keys in place) on every steady key tile that loads the next one: all but
+    the last tile and the one where U ends."""
     results = compile_report.compile_cuda(90)
     assert len(results) == 12  # (fp16, bf16) x (64, 128) x (S, S+O, influence)
     table = compile_report.render_cuda_table(results)
@@ -186,6 +187,10 @@ def test_cuda_kernels_meet_the_floor_target():
 def test_cuda_floor_source_cuts_every_s_line():
     text = compile_report.CUDA_SOURCE.read_text()
     floor = compile_report.cuda_floor_source(text)
-    assert "block_u[r] = fmaf" not in floor and "u * inverse" not in floor and "key_tile + kTile" not in floor
+    assert "tile_u_sum(block_u" not in floor and "u * inverse" not in floor and "key = order[" not in floor
     with pytest.raises(ValueError, match="no longer has the S line"):
         compile_report.cuda_floor_source(floor)
+    steady = compile_report.cuda_steady_source(text)
+    assert "if (real_in_tile < kTile)" not in steady and "if (in_u <= 0)" not in steady
+    with pytest.raises(ValueError, match="no longer has the edge line"):
+        compile_report.cuda_steady_source(steady)

@@ -2,17 +2,23 @@
 //
 // valid_attention_kernel — FlashAttention-2 style forward. One CTA of 4 warps per (batch, query head, tile of
 // 64 query rows); warp w owns rows 16w..16w+15 and keeps their Q fragments in registers for the whole pass.
-// Key/value tiles of 64 rows stream through shared memory with cp.async (one K and one V buffer: the next K
-// tile loads while the softmax and P@V of this one run, the next V tile while the next S = Q K^T runs). The
-// online softmax lives in registers (each thread holds 2 rows x 16 keys of a tile). Beside the denominator
+// It visits the keys in each batch row's key order (key_order_kernel builds it first): the real keys of U
+// ascending, then the other real keys ascending. Softmax, O and lse do not depend on the order keys are summed
+// in, and in this order a 64-key tile is all in U (S adds the tile's row sum) or all out (S adds nothing) —
+// but the one tile where U ends. Padded keys are never visited; only the last tile has keys past the real
+// ones to mask. Key/value tiles stream through shared memory with cp.async, gathered row by row through the
+// order (one K and one V buffer: the next K tile loads while the softmax and P@V of this one run, the next V
+// tile while the next S = Q K^T runs; the order entries of the tile after are read a tile ahead). The online
+// softmax lives in registers (each thread holds 2 rows x 16 keys of a tile). Beside the denominator
 // l = sum_k p it keeps u = sum_{k in U} p, rescaled by the same exp2(m_old - m_new) factor, so S_h = u / l is
 // exact at the end. P is converted in registers from the accumulator layout to the A-operand layout of the
 // P@V mma (no shared-memory round trip).
 //
 // influence_kernel — FlashAttention-backward structure. One CTA per (batch, query head, tile of 64 keys); warp
-// w keeps keys 16w..16w+15 as A fragments in registers and streams every query tile (double-buffered Q and
-// its base-2 lse) computing the transposed logits K Q^T, so a key's sum over queries is a row sum: per-thread
-// partial sums in fp32, reduced over the 4 threads of a quad at the end.
+// w keeps keys 16w..16w+15 as A fragments in registers and streams the query tiles that hold counted rows
+// (double-buffered Q and its base-2 lse) computing the transposed logits K Q^T, so a key's sum over queries is a
+// row sum: per-thread partial sums in fp32, reduced over the 4 threads of a quad at the end. A key tile without
+// a real key makes no pass.
 //
 // Head averaging (both kernels): each CTA writes its head's fp32 row to a (B, H, rows) buffer and the caller
 // sums over heads (agdo_kernels/_cuda.py). No atomics: every output element is written by exactly one thread
@@ -22,8 +28,8 @@
 //
 // Shared-memory rows are padded by 8 elements (16 bytes): the 8 row addresses of an ldmatrix phase then fall
 // in 8 different 16-byte bank groups (no bank conflicts), and rows stay 16-byte aligned for cp.async.
-// Bounds: tile rows past the end are zero-filled by cp.async (src-size 0) and their keys carry bias -inf or
-// lse2 = +inf (p = 0); only rows inside the tensors are written.
+// Bounds: tile rows past the end are zero-filled by cp.async (src-size 0) and their logits set to -inf
+// (valid_attention) or their rows carry lse2 = +inf (influence): p = 0; only rows inside the tensors are written.
 
 #include "attention_stats.h"
 #include "ptx.cuh"
@@ -91,22 +97,29 @@ __device__ __forceinline__ void load_tile(T* tile, const T* base, std::int64_t s
   }
 }
 
-// kTile bytes (or floats) of a padded per-key row into shared memory, 16 bytes per thread.
-template <typename E>
-__device__ __forceinline__ void load_row(E* dst, const E* src) {
-  constexpr int kChunks = kTile * static_cast<int>(sizeof(E)) / 16;
+// A padded per-key row of kTile floats into shared memory, 16 bytes per thread.
+__device__ __forceinline__ void load_row(float* dst, const float* src) {
+  constexpr int kChunks = kTile * static_cast<int>(sizeof(float)) / 16;
   static_assert(kChunks <= kThreads, "one chunk per thread");
-  if (threadIdx.x < kChunks) {
-    constexpr int kPerChunk = 16 / static_cast<int>(sizeof(E));
-    cp_async_16(smem_address(dst + threadIdx.x * kPerChunk), src + threadIdx.x * kPerChunk, true);
-  }
+  if (threadIdx.x < kChunks) cp_async_16(smem_address(dst + threadIdx.x * 4), src + threadIdx.x * 4, true);
 }
 
-// The key rows (bias, U) of key tile `block` into buffer `block & 1` of `key_tiles` (2 x 2 x kTile floats).
-__device__ __forceinline__ void load_key_rows(float* key_tiles, const float* keys, int padded_keys, int block) {
-  float* dst = key_tiles + (block & 1) * 2 * kTile;
-  load_row(dst, keys + block * kTile);
-  load_row(dst + kTile, keys + padded_keys + block * kTile);
+// The tile row of this thread's pair in a key tile gathered through the key order: row `key` of a (keys, D)
+// matrix, zero-filled when `inside` is false (positions past the real keys). Two threads per row, each taking
+// every other 16-byte chunk: a thread needs one row index, and a pair reads 32 contiguous bytes (one sector)
+// per copy.
+template <typename T, int D>
+__device__ __forceinline__ void load_key_row(T* tile, const T* base, std::int64_t stride, int key, bool inside) {
+  constexpr int kLd = D + kRowPad;
+  static_assert(kThreads == 2 * kTile, "two threads per tile row");
+  const int row = static_cast<int>(threadIdx.x) >> 1;
+  const T* src = base + static_cast<std::int64_t>(key) * stride;
+  const std::uint32_t dst = smem_address(tile + row * kLd);
+#pragma unroll
+  for (int i = 0; i < D / 16; ++i) {
+    const int column = (static_cast<int>(threadIdx.x & 1) + 2 * i) * 8;
+    cp_async_16(dst + static_cast<std::uint32_t>(column * sizeof(T)), inside ? src + column : base, inside);
+  }
 }
 
 // A fragments (16 rows x D) of the warp's rows [16 * warp, 16 * warp + 16) of a padded shared tile.
@@ -146,6 +159,29 @@ __device__ __forceinline__ void rows_times_tile(float (&acc)[kTile / 8][4], cons
 // ---------------------------------------------------------------------------------------------------------
 // valid attention
 
+// The part of a tile's row sums (rows g and g + 8, over this thread's columns; s holds p) that falls on keys of
+// U: the tile's first `in_u` keys, U coming first in the key order. Every tile but one has in_u <= 0 or >= kTile.
+__device__ __forceinline__ void tile_u_sum(float (&block_u)[2], const float (&s)[kTile / 8][4],
+                                           const float (&block_sum)[2], int in_u, int quad_col) {
+  if (in_u >= kTile) {
+    block_u[0] = block_sum[0];
+    block_u[1] = block_sum[1];
+    return;
+  }
+  block_u[0] = block_u[1] = 0.0f;
+  if (in_u <= 0) return;
+#pragma unroll
+  for (int j = 0; j < kTile / 8; ++j) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      if (8 * j + 2 * quad_col + c < in_u) {
+        block_u[0] += s[j][c];
+        block_u[1] += s[j][2 + c];
+      }
+    }
+  }
+}
+
 template <typename T, int D, bool OUTPUT>
 __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAttentionArgs args) {
   constexpr int kLd = D + kRowPad;
@@ -154,8 +190,6 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
   T* q_tile = reinterpret_cast<T*>(shared);
   T* k_tile = q_tile + kTile * kLd;
   T* v_tile = k_tile + kTile * kLd;  // only with OUTPUT
-  // Key rows (bias, U) of a key tile, double-buffered: U is read after the barrier that frees the K tile.
-  float* key_tiles = reinterpret_cast<float*>(k_tile + (OUTPUT ? 2 : 1) * kTile * kLd);
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -174,21 +208,26 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
   const T* q = static_cast<const T*>(args.q) + b * args.q_stride[0] + h * args.q_stride[1];
   const T* k = static_cast<const T*>(args.k) + b * args.k_stride[0] + kv * args.k_stride[1];
   const T* v = OUTPUT ? static_cast<const T*>(args.v) + b * args.v_stride[0] + kv * args.v_stride[1] : nullptr;
-  const float* keys = args.key_rows + static_cast<std::int64_t>(b) * 2 * args.padded_keys;
+  const int* order = args.key_order + static_cast<std::int64_t>(b) * args.padded_keys;
+  const int n_u = args.key_counts[2 * b];         // the first n_u keys of the order are U's
+  const int n_real = args.key_counts[2 * b + 1];  // the first n_real are real
+  const int n_blocks = max(1, (n_real + kTile - 1) / kTile);  // without real keys: one tile, all masked
+  const int tile_row = static_cast<int>(threadIdx.x) >> 1;   // the key-tile row this thread loads
+  int key = order[tile_row];  // its K/V row in the next tile to load (read a tile ahead)
 
-  // Groups in flight: Q, then K0 (+ its key rows), then V0.
+  // Groups in flight: Q, then K0, then V0.
   load_tile<T, D>(q_tile, q, args.q_stride[2], m0, n_queries);
   cp_async_commit();
-  load_tile<T, D>(k_tile, k, args.k_stride[2], 0, n_keys);
-  load_key_rows(key_tiles, keys, args.padded_keys, 0);
+  load_key_row<T, D>(k_tile, k, args.k_stride[2], key, tile_row < n_real);
   cp_async_commit();
   if constexpr (OUTPUT) {
-    load_tile<T, D>(v_tile, v, args.v_stride[2], 0, n_keys);
+    load_key_row<T, D>(v_tile, v, args.v_stride[2], key, tile_row < n_real);
     cp_async_commit();
     cp_async_wait<2>();
   } else {
     cp_async_wait<1>();
   }
+  if (n_blocks > 1) key = order[kTile + tile_row];
   __syncthreads();
   std::uint32_t q_fragment[D / 16][4];
   load_row_fragments<T, D>(q_fragment, q_tile, warp, lane);
@@ -201,9 +240,9 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
   float u_sum[2] = {0.0f, 0.0f};
 
   const float qk_scale = args.qk_scale;
-  const int n_blocks = (n_keys + kTile - 1) / kTile;
   for (int block = 0; block < n_blocks; ++block) {
     const bool more = block + 1 < n_blocks;
+    const bool next_inside = (block + 1) * kTile + tile_row < n_real;
     if constexpr (OUTPUT) {
       cp_async_wait<1>();  // K of this block (its V may still be in flight)
     } else {
@@ -215,21 +254,22 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
     rows_times_tile<T, D>(s, q_fragment, k_tile, lane);
     __syncthreads();  // every warp is done with this K tile
     if (more) {
-      load_tile<T, D>(k_tile, k, args.k_stride[2], (block + 1) * kTile, n_keys);
-      load_key_rows(key_tiles, keys, args.padded_keys, block + 1);
+      load_key_row<T, D>(k_tile, k, args.k_stride[2], key, next_inside);
       cp_async_commit();
     }
 
-    // Keys: column 8j + 2t + c of n-tile j, elements c (row g) and 2 + c (row g + 8). The bias puts -inf on
-    // padding and keys past N. The logits stay unscaled: the scale is folded into the exp2 argument below.
-    const float* key_tile = key_tiles + (block & 1) * 2 * kTile;
+    // Keys: column 8j + 2t + c of n-tile j (order position block * kTile + 8j + 2t + c), elements c (row g) and
+    // 2 + c (row g + 8). Only the last tile has positions past the real keys: logit -inf there. The logits stay
+    // unscaled: the scale is folded into the exp2 argument below.
+    const int real_in_tile = n_real - block * kTile;
+    if (real_in_tile < kTile) {
 #pragma unroll
-    for (int j = 0; j < kTile / 8; ++j) {
-      const float2 bias = *reinterpret_cast<const float2*>(key_tile + 8 * j + 2 * quad_col);
-      s[j][0] += bias.x;
-      s[j][1] += bias.y;
-      s[j][2] += bias.x;
-      s[j][3] += bias.y;
+      for (int j = 0; j < kTile / 8; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          if (8 * j + 2 * quad_col + c >= real_in_tile) s[j][c] = s[j][2 + c] = -INFINITY;
+        }
+      }
     }
 
     // Online softmax of rows g (r = 0: elements 0, 1) and g + 8 (r = 1: elements 2, 3).
@@ -240,27 +280,23 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
 #pragma unroll
       for (int j = 0; j < kTile / 8; ++j) block_max = fmaxf(block_max, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
       const float new_max = fmaxf(row_max[r], quad_max(block_max) * qk_scale);  // qk_scale > 0
-      // A row that has only seen padding keeps max -inf: subtract 0 instead, so exp2 gives 0, not NaN.
+      // A row that has only seen masked keys keeps max -inf: subtract 0 instead, so exp2 gives 0, not NaN.
       reference[r] = new_max == -INFINITY ? 0.0f : new_max;
       alpha[r] = fast_exp2(row_max[r] - reference[r]);
       row_max[r] = new_max;
     }
     float block_sum[2] = {0.0f, 0.0f};
-    float block_u[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int j = 0; j < kTile / 8; ++j) {
-      const float2 u = *reinterpret_cast<const float2*>(key_tile + kTile + 8 * j + 2 * quad_col);
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float p = fast_exp2(fmaf(s[j][2 * r + c], qk_scale, -reference[r]));
-          s[j][2 * r + c] = p;
-          block_sum[r] += p;
-          block_u[r] = fmaf(p, c == 0 ? u.x : u.y, block_u[r]);  // S: one FFMA per logit
-        }
+      for (int e = 0; e < 4; ++e) {
+        const float p = fast_exp2(fmaf(s[j][e], qk_scale, -reference[e >> 1]));
+        s[j][e] = p;
+        block_sum[e >> 1] += p;
       }
     }
+    float block_u[2];
+    tile_u_sum(block_u, s, block_sum, n_u - block * kTile, quad_col);  // S
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       row_sum[r] = row_sum[r] * alpha[r] + block_sum[r];
@@ -300,10 +336,11 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
       }
       __syncthreads();  // every warp is done with this V tile
       if (more) {
-        load_tile<T, D>(v_tile, v, args.v_stride[2], (block + 1) * kTile, n_keys);
+        load_key_row<T, D>(v_tile, v, args.v_stride[2], key, next_inside);
         cp_async_commit();
       }
     }
+    if (block + 2 < n_blocks) key = order[(block + 2) * kTile + tile_row];
   }
 
   // Rows without a real key have l = 0 (every p was exp2(-inf)): S = O = lse = 0.
@@ -318,7 +355,8 @@ __global__ void __launch_bounds__(kThreads) valid_attention_kernel(const ValidAt
     const std::int64_t index = bh * n_queries + row;
     if (quad_col == 0) {
       // A padded query row gets S = 0 (its O and lse stay SDPA's); query row i is key N - Nq + i.
-      const bool real_row = keys[n_keys - n_queries + row] == 0.0f;  // bias 0
+      const bool real_row = args.attention_mask == nullptr ||
+                            args.attention_mask[static_cast<std::int64_t>(b) * n_keys + n_keys - n_queries + row] != 0;
       args.s_part[index] = real_row ? u * inverse : 0.0f;
       if (args.lse != nullptr) {
         args.lse[index] = has_keys ? (row_max[r] + log2f(l)) * 0.6931471805599453f : 0.0f;
@@ -361,18 +399,28 @@ __global__ void __launch_bounds__(kThreads) influence_kernel(const InfluenceArgs
   const T* k = static_cast<const T*>(args.k) + b * args.k_stride[0] + kv * args.k_stride[1];
   const float* lse2 = args.lse2 + bh * args.padded_keys;
 
-  load_tile<T, D>(k_tile, k, args.k_stride[2], n0, n);
-  load_tile<T, D>(q_tiles, q, args.q_stride[2], 0, n);
-  load_row(lse_tiles, lse2);
-  cp_async_commit();
-
+  // The counted rows lie in query tiles [first_block, end_block) (counted_rows_kernel's extent): the others are
+  // skipped. A key tile without a real key gets 0 without a pass (as a row without counted rows does).
+  const int* extent = args.extent + 4 * b;
+  const int first_block = extent[0] / kTile;
+  int end_block = (extent[1] + kTile - 1) / kTile;
+  if (n0 >= extent[3] || n0 + kTile <= extent[2]) end_block = first_block;
   std::uint32_t k_fragment[D / 16][4];
+  if (first_block < end_block) {  // groups in flight: K, then the first query tile
+    load_tile<T, D>(k_tile, k, args.k_stride[2], n0, n);
+    cp_async_commit();
+    load_tile<T, D>(q_tiles, q, args.q_stride[2], first_block * kTile, n);
+    load_row(lse_tiles, lse2 + first_block * kTile);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    load_row_fragments<T, D>(k_fragment, k_tile, warp, lane);
+  }
+
   float col_sum[2] = {0.0f, 0.0f};  // keys g and g + 8 of the warp's 16 (this thread's queries only)
   const float qk_scale = args.qk_scale;
-  const int n_blocks = tiles;
-  for (int block = 0; block < n_blocks; ++block) {
-    const int buffer = block & 1;
-    if (block + 1 < n_blocks) {  // its buffer was last read in block - 1, before that block's final barrier
+  for (int block = first_block, buffer = 0; block < end_block; ++block, buffer ^= 1) {
+    if (block + 1 < end_block) {  // its buffer was last read in block - 1, before that block's final barrier
       load_tile<T, D>(q_tiles + (buffer ^ 1) * kTile * kLd, q, args.q_stride[2], (block + 1) * kTile, n);
       load_row(lse_tiles + (buffer ^ 1) * kTile, lse2 + (block + 1) * kTile);
       cp_async_commit();
@@ -381,7 +429,6 @@ __global__ void __launch_bounds__(kThreads) influence_kernel(const InfluenceArgs
       cp_async_wait<0>();
     }
     __syncthreads();
-    if (block == 0) load_row_fragments<T, D>(k_fragment, k_tile, warp, lane);
 
     // logits^T: rows = the warp's keys, columns = queries 8j + 2t + c of this query tile.
     float s[kTile / 8][4];
@@ -409,34 +456,98 @@ __global__ void __launch_bounds__(kThreads) influence_kernel(const InfluenceArgs
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Preparation: the per-key rows the attention kernels read as whole tiles, one thread per element
+// Preparation: what the attention kernels read besides q/k/v, built on the device from the masks
 
 constexpr int kPrepThreads = 256;
 
-// Key rows (bias, U) of valid_attention from its masks, past N included (bias -inf, U 0).
-__global__ void __launch_bounds__(kPrepThreads) key_rows_kernel(const ValidAttentionArgs args) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kPrepThreads + threadIdx.x;
-  if (i >= static_cast<std::int64_t>(args.batch) * args.padded_keys) return;
-  const std::int64_t b = i / args.padded_keys;
-  const int key = static_cast<int>(i % args.padded_keys);
-  const std::int64_t at = b * args.n_keys + key;
-  const bool real = key < args.n_keys && (args.attention_mask == nullptr || args.attention_mask[at] != 0);
-  const bool in_u = real && args.unmasked != nullptr && args.unmasked[at] != 0;
-  float* rows = args.key_rows + b * 2 * args.padded_keys;
-  rows[key] = real ? 0.0f : -INFINITY;
-  rows[args.padded_keys + key] = in_u ? 1.0f : 0.0f;
+// 0: a padded key, 1: a real key outside U, 2: a real key of U (null masks: every key real, U empty).
+__device__ __forceinline__ int key_kind(const std::uint8_t* real, const std::uint8_t* in_u, int key) {
+  if (real != nullptr && real[key] == 0) return 0;
+  return in_u != nullptr && in_u[key] != 0 ? 2 : 1;
 }
 
-// influence's rows in base 2: lse * log2(e) where the row counts (real and in the query mask), else +inf.
-__global__ void __launch_bounds__(kPrepThreads) lse2_kernel(const InfluenceArgs args) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kPrepThreads + threadIdx.x;
-  if (i >= static_cast<std::int64_t>(args.batch) * args.heads * args.padded_keys) return;
-  const std::int64_t bh = i / args.padded_keys;
-  const int row = static_cast<int>(i % args.padded_keys);
-  const std::int64_t at = bh / args.heads * args.n_keys + row;
-  const bool counts = row < args.n_keys && (args.attention_mask == nullptr || args.attention_mask[at] != 0) &&
-                      (args.query_mask == nullptr || args.query_mask[at] != 0);
-  args.lse2[i] = counts ? args.lse[bh * args.n_keys + row] * 1.4426950408889634f : INFINITY;
+// valid_attention's key order, one block per batch row: the real keys of U ascending, then the other real keys
+// ascending, then 0 up to padded_keys; key_counts = (n_u, n_real). Each thread takes a contiguous segment of
+// the row; the segments' counts are scanned in shared memory (Hillis-Steele), then each thread writes its keys
+// at their offsets.
+__global__ void __launch_bounds__(kPrepThreads) key_order_kernel(const ValidAttentionArgs args) {
+  __shared__ int scanned[2][kPrepThreads];  // inclusive prefix counts of U keys / other real keys
+  const int t = static_cast<int>(threadIdx.x);
+  const std::int64_t b = blockIdx.x;
+  const int n = args.n_keys;
+  const int segment = (n + kPrepThreads - 1) / kPrepThreads;
+  const int begin = min(n, t * segment);
+  const int end = min(n, begin + segment);
+  const std::uint8_t* real = args.attention_mask == nullptr ? nullptr : args.attention_mask + b * n;
+  const std::uint8_t* in_u = args.unmasked == nullptr ? nullptr : args.unmasked + b * n;
+
+  int count[2] = {0, 0};  // U keys, other real keys
+  for (int key = begin; key < end; ++key) {
+    const int kind_of_key = key_kind(real, in_u, key);
+    if (kind_of_key != 0) ++count[2 - kind_of_key];
+  }
+  scanned[0][t] = count[0];
+  scanned[1][t] = count[1];
+  for (int offset = 1; offset < kPrepThreads; offset <<= 1) {
+    __syncthreads();
+    const int add_u = t >= offset ? scanned[0][t - offset] : 0;
+    const int add_other = t >= offset ? scanned[1][t - offset] : 0;
+    __syncthreads();
+    scanned[0][t] += add_u;
+    scanned[1][t] += add_other;
+  }
+  __syncthreads();
+  const int n_u = scanned[0][kPrepThreads - 1];
+  const int n_real = n_u + scanned[1][kPrepThreads - 1];
+  int* order = args.key_order + b * args.padded_keys;
+  int at[2] = {scanned[0][t] - count[0], n_u + scanned[1][t] - count[1]};
+  for (int key = begin; key < end; ++key) {
+    const int kind_of_key = key_kind(real, in_u, key);
+    if (kind_of_key != 0) order[at[2 - kind_of_key]++] = key;
+  }
+  for (int position = n_real + t; position < args.padded_keys; position += kPrepThreads) order[position] = 0;
+  if (t == 0) {
+    args.key_counts[2 * b] = n_u;
+    args.key_counts[2 * b + 1] = n_real;
+  }
+}
+
+// influence's rows in base 2, one block per (batch, head) row: lse * log2(e) where the row counts (real and in
+// the query mask), else +inf. The block of head 0 also writes the batch row's extent: [first counted row, last
+// + 1, first real key, last + 1) ([N, 0, N, 0] when there are none), reduced in shared memory.
+__global__ void __launch_bounds__(kPrepThreads) counted_rows_kernel(const InfluenceArgs args) {
+  __shared__ int reduced[4][kPrepThreads];
+  const int t = static_cast<int>(threadIdx.x);
+  const std::int64_t bh = blockIdx.x;
+  const std::int64_t b = bh / args.heads;
+  const int n = args.n_keys;
+  int extent[4] = {n, 0, n, 0};
+  for (int row = t; row < args.padded_keys; row += kPrepThreads) {  // ascending: the last one seen is the max
+    const std::int64_t at = b * n + row;
+    const bool real = row < n && (args.attention_mask == nullptr || args.attention_mask[at] != 0);
+    const bool counts = real && (args.query_mask == nullptr || args.query_mask[at] != 0);
+    args.lse2[bh * args.padded_keys + row] = counts ? args.lse[bh * n + row] * 1.4426950408889634f : INFINITY;
+    if (counts) {
+      extent[0] = min(extent[0], row);
+      extent[1] = row + 1;
+    }
+    if (real) {
+      extent[2] = min(extent[2], row);
+      extent[3] = row + 1;
+    }
+  }
+  if (bh % args.heads != 0) return;  // the whole block: the extent is the same for every head
+  for (int i = 0; i < 4; ++i) reduced[i][t] = extent[i];
+  for (int stride = kPrepThreads / 2; stride > 0; stride >>= 1) {
+    __syncthreads();
+    if (t < stride) {
+      for (int i = 0; i < 4; ++i) {
+        const int other = reduced[i][t + stride];
+        reduced[i][t] = i % 2 == 0 ? min(reduced[i][t], other) : max(reduced[i][t], other);
+      }
+    }
+  }
+  if (t < 4) args.extent[4 * b + t] = reduced[t][0];
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -456,19 +567,18 @@ bool grid_size(const Args& args, int rows, unsigned int* blocks) {
   return true;
 }
 
+// A preparation kernel: one block of kPrepThreads per (batch) or (batch, head) row.
 template <typename Args>
-cudaError_t launch_prep(void (*kernel)(Args), const Args& args, std::int64_t count, cudaStream_t stream) {
-  const std::int64_t blocks = (count + kPrepThreads - 1) / kPrepThreads;
-  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  kernel<<<static_cast<unsigned int>(blocks), kPrepThreads, 0, stream>>>(args);
+cudaError_t launch_per_row(void (*kernel)(Args), const Args& args, long long rows, cudaStream_t stream) {
+  if (rows > INT_MAX) return cudaErrorInvalidConfiguration;
+  kernel<<<static_cast<unsigned int>(rows), kPrepThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
 template <typename T, int D, bool OUTPUT>
 cudaError_t launch_valid_attention_typed(const ValidAttentionArgs& args, unsigned int blocks, cudaStream_t stream) {
   constexpr int kLd = D + kRowPad;
-  const int shared_bytes = (OUTPUT ? 3 : 2) * kTile * kLd * static_cast<int>(sizeof(T)) +
-                           4 * kTile * static_cast<int>(sizeof(float));  // 2 buffers of key rows
+  const int shared_bytes = (OUTPUT ? 3 : 2) * kTile * kLd * static_cast<int>(sizeof(T));  // Q, K (and V) tiles
   auto kernel = valid_attention_kernel<T, D, OUTPUT>;
   const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes);
   if (status != cudaSuccess) return status;
@@ -495,19 +605,18 @@ cudaError_t launch_valid_attention(const ValidAttentionArgs& args, cudaStream_t 
       args.n_queries < 0 || args.n_keys < args.n_queries || args.padded_keys < args.n_keys ||
       args.padded_keys % kTile != 0 || (args.head_dim != 64 && args.head_dim != 128) ||
       (args.dtype != kAttnFloat16 && args.dtype != kAttnBFloat16) || args.s_part == nullptr ||
-      args.key_rows == nullptr || (output && args.v == nullptr)) {
+      args.key_order == nullptr || args.key_counts == nullptr || (output && args.v == nullptr)) {
     return cudaErrorInvalidValue;
   }
   if (args.batch == 0 || args.n_queries == 0) return cudaSuccess;
-  if (!aligned_16(args.q) || !aligned_16(args.k) || !aligned_16(args.key_rows) || !strides_ok(args.q_stride) ||
+  if (!aligned_16(args.q) || !aligned_16(args.k) || !strides_ok(args.q_stride) ||
       !strides_ok(args.k_stride) || (output && (!aligned_16(args.v) || !aligned_16(args.out) ||
                                                  !strides_ok(args.v_stride)))) {
     return cudaErrorInvalidValue;
   }
   unsigned int blocks = 0;
   if (!grid_size(args, args.n_queries, &blocks)) return cudaErrorInvalidConfiguration;
-  const cudaError_t prepared =
-      launch_prep(key_rows_kernel, args, static_cast<std::int64_t>(args.batch) * args.padded_keys, stream);
+  const cudaError_t prepared = launch_per_row(key_order_kernel, args, args.batch, stream);
   if (prepared != cudaSuccess) return prepared;
 #define AGDO_DISPATCH(T, D)                                                                           \
   return output ? launch_valid_attention_typed<T, D, true>(args, blocks, stream)                      \
@@ -526,7 +635,7 @@ cudaError_t launch_influence(const InfluenceArgs& args, cudaStream_t stream) {
       args.n_keys < 0 || args.padded_keys < args.n_keys || args.padded_keys % kTile != 0 ||
       (args.head_dim != 64 && args.head_dim != 128) ||
       (args.dtype != kAttnFloat16 && args.dtype != kAttnBFloat16) || args.part == nullptr || args.lse == nullptr ||
-      args.lse2 == nullptr) {
+      args.lse2 == nullptr || args.extent == nullptr) {
     return cudaErrorInvalidValue;
   }
   if (args.batch == 0 || args.n_keys == 0) return cudaSuccess;
@@ -536,8 +645,8 @@ cudaError_t launch_influence(const InfluenceArgs& args, cudaStream_t stream) {
   }
   unsigned int blocks = 0;
   if (!grid_size(args, args.n_keys, &blocks)) return cudaErrorInvalidConfiguration;
-  const cudaError_t prepared = launch_prep(
-      lse2_kernel, args, static_cast<std::int64_t>(args.batch) * args.heads * args.padded_keys, stream);
+  const cudaError_t prepared =
+      launch_per_row(counted_rows_kernel, args, static_cast<long long>(args.batch) * args.heads, stream);
   if (prepared != cudaSuccess) return prepared;
   if (args.dtype == kAttnFloat16) {
     return args.head_dim == 64 ? launch_influence_typed<__half, 64>(args, blocks, stream)

@@ -12,21 +12,22 @@ namespace agdo {
 constexpr int kAttnFloat16 = 0;
 constexpr int kAttnBFloat16 = 1;
 
-// Rows of every query/key tile. The per-key arrays (key rows, base-2 lse) have rows padded to a multiple
-// of this, so a tile's slice of them is read whole without bounds checks.
+// Rows of every query/key tile. The per-key arrays (key order, base-2 lse) have rows padded to a multiple of
+// this, so a tile's slice of them is read without bounds checks.
 constexpr int kAttnTile = 64;
 
 // Masks are (B, n_keys) bytes, nonzero = true (torch bool tensors as they are), or null: every key real (the
 // attention mask), U empty, every row counted (the query mask).
 //
-// Key rows, float32 (B, 2, padded_keys): row 0 the additive key bias (0 for a real key, -inf for padding and
-// past N), row 1 U as 0/1 (1 only for real keys in U). Floats, so the kernel adds the bias and multiplies by U
-// (one FADD / FFMA per logit) instead of testing bits. launch_valid_attention builds them from the masks first,
-// in a workspace the caller provides, so a call is two launches and needs no preparation on the host.
+// Key order, int32 (B, padded_keys), and key counts, int32 (B, 2): the order valid_attention visits each batch
+// row's keys in — the real keys of U ascending, then the other real keys ascending, then 0s — and (n_u, n_real).
+// In that order a key tile is all in U or all out but one, and padded keys are never visited (the statistic
+// costs a row-sum add per tile, not a multiply per logit). launch_valid_attention builds both from the masks
+// first, in workspaces the caller provides, so a call is two launches and needs no preparation on the host.
 
 // valid_attention. q (B, H, Nq, D), k/v (B, Hkv, N, D), given by their (b, h, n) strides in elements and a
 // unit stride along d; every (b, h, n) stride must be a multiple of 8 elements and the base pointers 16-byte
-// aligned (16-byte cp.async), as key_rows. Query row i is key N - Nq + i. Writes, for every (b, h, i < Nq):
+// aligned (16-byte cp.async). Query row i is key N - Nq + i. Writes, for every (b, h, i < Nq):
 //   s_part[b, h, i] = sum_{k in U} P[h, i, k]   (0 for a padded query row or a row without real keys)
 //   lse[b, h, i]    = natural-log logsumexp     (0 without real keys; only when lse != nullptr)
 //   out[b, h, i, :] = softmax @ V in q's dtype  (contiguous (B, H, Nq, D); only when out != nullptr)
@@ -39,7 +40,8 @@ struct ValidAttentionArgs {
   std::int64_t v_stride[3] = {0, 0, 0};
   const std::uint8_t* attention_mask = nullptr;  // (B, N) or null
   const std::uint8_t* unmasked = nullptr;        // (B, N): U, or null
-  float* key_rows = nullptr;                     // (B, 2, padded_keys) workspace: bias, U (written here)
+  int* key_order = nullptr;                      // (B, padded_keys) workspace (written here)
+  int* key_counts = nullptr;                     // (B, 2) workspace: n_u, n_real (written here)
   float* s_part = nullptr;                       // (B, H, Nq)
   void* out = nullptr;                           // (B, H, Nq, D) contiguous, or null
   float* lse = nullptr;                          // (B, H, Nq), or null
@@ -56,8 +58,10 @@ struct ValidAttentionArgs {
 
 // influence_sum, per head. q (B, H, N, D), k (B, Hkv, N, D), strides as above. Writes, for every (b, h, key < N):
 //   part[b, h, key] = sum_{counted rows i} exp2(q_i . k * qk_scale - lse[b, h, i] * log2(e))   (0 at padded keys)
-// where a row counts when it is real (attention_mask) and in query_mask. lse2 (B, H, padded) is a workspace the
-// launcher fills first: the rows' lse in base 2, +inf at rows that do not count and past N.
+// where a row counts when it is real (attention_mask) and in query_mask. lse2 (B, H, padded) and extent (B, 4)
+// are workspaces the launcher fills first: the rows' lse in base 2 (+inf at rows that do not count and past N),
+// and each batch row's [first counted row, last + 1, first real key, last + 1), so that the query tiles outside
+// the counted rows and the key tiles without a real key are skipped.
 struct InfluenceArgs {
   const void* q = nullptr;
   const void* k = nullptr;
@@ -67,6 +71,7 @@ struct InfluenceArgs {
   const std::uint8_t* attention_mask = nullptr;  // (B, N) or null
   const std::uint8_t* query_mask = nullptr;      // (B, N) or null
   float* lse2 = nullptr;                         // (B, H, padded_keys) workspace (written here)
+  int* extent = nullptr;                         // (B, 4) workspace (written here)
   float* part = nullptr;                         // (B, H, N)
   int batch = 0;
   int heads = 0;

@@ -49,9 +49,10 @@ void copy_strides(const Strides& from, std::int64_t (&to)[3]) {
 // Null pointers (0) for `v`/`out`/`lse` mean "not asked for", for a mask "none"; see csrc/attention_stats.h.
 void valid_attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, const Strides& q_stride,
                      const Strides& k_stride, const Strides& v_stride, std::uintptr_t attention_mask,
-                     std::uintptr_t unmasked, std::uintptr_t key_rows, std::uintptr_t s_part, std::uintptr_t out,
-                     std::uintptr_t lse, int batch, int heads, int kv_heads, int n_queries, int n_keys,
-                     int padded_keys, int head_dim, int dtype, float qk_scale, int device, std::uintptr_t stream) {
+                     std::uintptr_t unmasked, std::uintptr_t key_order, std::uintptr_t key_counts,
+                     std::uintptr_t s_part, std::uintptr_t out, std::uintptr_t lse, int batch, int heads,
+                     int kv_heads, int n_queries, int n_keys, int padded_keys, int head_dim, int dtype,
+                     float qk_scale, int device, std::uintptr_t stream) {
   check(cudaSetDevice(device), "agdo valid_attention: cudaSetDevice");
   agdo::ValidAttentionArgs args;
   args.q = as_pointer<const void>(q);
@@ -62,7 +63,8 @@ void valid_attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, const
   copy_strides(v_stride, args.v_stride);
   args.attention_mask = as_pointer<const std::uint8_t>(attention_mask);
   args.unmasked = as_pointer<const std::uint8_t>(unmasked);
-  args.key_rows = as_pointer<float>(key_rows);
+  args.key_order = as_pointer<int>(key_order);
+  args.key_counts = as_pointer<int>(key_counts);
   args.s_part = as_pointer<float>(s_part);
   args.out = as_pointer<void>(out);
   args.lse = as_pointer<float>(lse);
@@ -80,8 +82,9 @@ void valid_attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, const
 
 void influence_sum(std::uintptr_t q, std::uintptr_t k, const Strides& q_stride, const Strides& k_stride,
                    std::uintptr_t lse, std::uintptr_t attention_mask, std::uintptr_t query_mask,
-                   std::uintptr_t lse2, std::uintptr_t part, int batch, int heads, int kv_heads, int n_keys,
-                   int padded_keys, int head_dim, int dtype, float qk_scale, int device, std::uintptr_t stream) {
+                   std::uintptr_t lse2, std::uintptr_t extent, std::uintptr_t part, int batch, int heads,
+                   int kv_heads, int n_keys, int padded_keys, int head_dim, int dtype, float qk_scale, int device,
+                   std::uintptr_t stream) {
   check(cudaSetDevice(device), "agdo influence: cudaSetDevice");
   agdo::InfluenceArgs args;
   args.q = as_pointer<const void>(q);
@@ -92,6 +95,7 @@ void influence_sum(std::uintptr_t q, std::uintptr_t k, const Strides& q_stride, 
   args.attention_mask = as_pointer<const std::uint8_t>(attention_mask);
   args.query_mask = as_pointer<const std::uint8_t>(query_mask);
   args.lse2 = as_pointer<float>(lse2);
+  args.extent = as_pointer<int>(extent);
   args.part = as_pointer<float>(part);
   args.batch = batch;
   args.heads = heads;
@@ -128,13 +132,15 @@ PYBIND11_MODULE(_agdo_cuda, m) {
   m.attr("ATTENTION_BFLOAT16") = agdo::kAttnBFloat16;
   m.def("valid_attention", &valid_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_stride"),
         py::arg("k_stride"), py::arg("v_stride"), py::arg("attention_mask"), py::arg("unmasked"),
-        py::arg("key_rows"), py::arg("s_part"), py::arg("out"), py::arg("lse"), py::arg("batch"), py::arg("heads"),
-        py::arg("kv_heads"), py::arg("n_queries"), py::arg("n_keys"), py::arg("padded_keys"), py::arg("head_dim"),
-        py::arg("dtype"), py::arg("qk_scale"), py::arg("device"), py::arg("stream"),
+        py::arg("key_order"), py::arg("key_counts"), py::arg("s_part"), py::arg("out"), py::arg("lse"),
+        py::arg("batch"), py::arg("heads"), py::arg("kv_heads"), py::arg("n_queries"), py::arg("n_keys"),
+        py::arg("padded_keys"), py::arg("head_dim"), py::arg("dtype"), py::arg("qk_scale"), py::arg("device"),
+        py::arg("stream"),
         py::call_guard<py::gil_scoped_release>(),
         "Per-head S (and O, lse) of one FlashAttention pass; see csrc/attention_stats.h.");
   m.def("influence_sum", &influence_sum, py::arg("q"), py::arg("k"), py::arg("q_stride"), py::arg("k_stride"),
-        py::arg("lse"), py::arg("attention_mask"), py::arg("query_mask"), py::arg("lse2"), py::arg("part"),
+        py::arg("lse"), py::arg("attention_mask"), py::arg("query_mask"), py::arg("lse2"), py::arg("extent"),
+        py::arg("part"),
         py::arg("batch"), py::arg("heads"), py::arg("kv_heads"), py::arg("n_keys"), py::arg("padded_keys"),
         py::arg("head_dim"), py::arg("dtype"), py::arg("qk_scale"), py::arg("device"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>(),

@@ -403,19 +403,19 @@ def test_launch_arguments_read_strided_views_in_place(recorded_launches):
     assert s.shape == (B, Nq) and out.shape == (B, H, Nq, d) and out.dtype == torch.bfloat16 and lse.shape == (B, H, Nq)
     ((name, args),) = recorded_launches.calls
     assert name == "valid_attention"
-    (q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride, mask_ptr, unmasked_ptr, key_rows_ptr, s_ptr, out_ptr,
-     lse_ptr, *sizes, scale, device, stream) = args  # fmt: skip
+    (q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride, mask_ptr, unmasked_ptr, order_ptr, counts_ptr, s_ptr,
+     out_ptr, lse_ptr, *sizes, scale, device, stream) = args  # fmt: skip
     assert (q_ptr, k_ptr, v_ptr) == (q.data_ptr(), k.data_ptr(), v.data_ptr())  # no copies
     assert q_stride == (N * H * d, d, H * d) and k_stride == v_stride == (N * Hkv * d, d, Hkv * d)
     assert (mask_ptr, unmasked_ptr) == (mask.data_ptr(), unmasked.data_ptr())  # bool masks read as bytes in place
     assert sizes == [B, H, Hkv, Nq, N, 128, d, 1]
-    assert out_ptr == out.data_ptr() and lse_ptr == lse.data_ptr() and 0 not in (key_rows_ptr, s_ptr)
+    assert out_ptr == out.data_ptr() and lse_ptr == lse.data_ptr() and 0 not in (order_ptr, counts_ptr, s_ptr)
     assert scale == pytest.approx(0.125 * 1.4426950408889634) and stream == 7
 
     recorded_launches.calls.clear()
     s, out, lse = _cuda.valid_attention(q, k, None, unmasked, None, 0.125, False, False)
     ((_, args),) = recorded_launches.calls
-    assert args[2] == 0 and args[5] == (0, 0, 0) and args[6] == 0 and args[10] == 0 and args[11] == 0
+    assert args[2] == 0 and args[5] == (0, 0, 0) and args[6] == 0 and args[11] == 0 and args[12] == 0
     assert out is None and lse is None
 
     recorded_launches.calls.clear()
@@ -427,7 +427,7 @@ def test_launch_arguments_read_strided_views_in_place(recorded_launches):
     assert name == "influence_sum"
     assert args[0] == full_q.data_ptr() and args[2] == (N * H * d, d, H * d)
     assert args[5] == mask.data_ptr() and args[6] == 0  # no query mask
-    assert list(args[9:16]) == [B, H, Hkv, N, 128, d, 0]
+    assert list(args[10:17]) == [B, H, Hkv, N, 128, d, 0]
 
 
 @pytest.mark.skipif(HAS_GPU or _cuda._extension is None, reason="calls the compiled module where it cannot launch")

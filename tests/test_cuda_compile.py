@@ -68,7 +68,7 @@ def ptxas_report(log: str) -> dict:
 
 def _short_name(mangled: str) -> str:
     """``valid_attention_kernel<bf16, 128, out>``-like names from the mangled ones (for the table only)."""
-    kernels = "valid_attention_kernel|influence_kernel|greedy_rank_kernel|key_rows_kernel|lse2_kernel"
+    kernels = "valid_attention_kernel|influence_kernel|greedy_rank_kernel|key_order_kernel|counted_rows_kernel"
     kernel = re.search(rf"({kernels})(?:I|E)", mangled)
     name = kernel.group(1) if kernel else mangled
     args = re.findall(r"(__half|__nv_bfloat16|Li(\d+)E|Lb([01])E)", mangled[mangled.find(name) :] if kernel else "")
@@ -103,7 +103,7 @@ def _table(report: dict) -> str:
 
 
 # Every kernel instantiated by the launchers: (dtype x head dim x output) + (dtype x head dim) per arch, and the
-# two preparation kernels (key rows, base-2 lse).
+# two preparation kernels (key order; base-2 lse and extent).
 EXPECTED_KERNELS = {"csrc/attention_stats.cu": 14, "csrc/greedy_order.cu": 7}
 
 

@@ -205,17 +205,77 @@ def test_valid_attention_matches_oracle(emulated, monkeypatch, mode, dtype, shap
     with poisoned_outputs():
         s, out, lse = _cuda.valid_attention(q, k, v, unmasked, mask, d**-0.5, True, True)
 
+    _assert_matches_oracle(q, k, v, unmasked, mask, (s, out, lse))
+
+
+def _assert_matches_oracle(q, k, v, unmasked, mask, result):
+    """S and lse against the float64 oracles; O within twice torch's own error at the same precision."""
+    s, out, lse = result
+    dtype = q.dtype
     tol = stat_tolerance(dtype)
     expected_s = (oracle_abar(q, k, mask).cpu() * (unmasked & mask)[:, None, :]).sum(-1) * mask
     torch.testing.assert_close(s.double(), expected_s, atol=tol, rtol=0)
     has_keys = mask.any(-1)
     torch.testing.assert_close(lse[has_keys].double(), oracle_lse(q, k, mask)[has_keys], atol=1e-4, rtol=1e-5)
     assert (lse[~has_keys] == 0).all() and (s[~has_keys] == 0).all() and (out[~has_keys] == 0).all()
-    # O: within twice torch's own error at the same precision (plus the statistics' tolerance).
     expected_out = gqa_sdpa(q.double(), k.double(), v.double(), mask)[has_keys]
     torch_err = (gqa_sdpa(q, k, v, mask)[has_keys].double() - expected_out).abs().max().item()
     ours_err = (out[has_keys].double() - expected_out).abs().max().item()
     assert out.dtype == dtype and ours_err <= 2 * torch_err + tol, (ours_err, torch_err)
+
+
+def _first_real(mask, count):
+    """U = the first ``count`` real keys of each row (order positions 0..count-1), plus every padded key."""
+    return (mask.cumsum(-1) <= count) | ~mask
+
+
+@pytest.mark.parametrize(
+    "u_of",
+    [lambda mask: _first_real(mask, 64), lambda mask: _first_real(mask, 150), lambda mask: _first_real(mask, 0),
+     lambda mask: torch.ones_like(mask), lambda mask: _unmasked(*mask.shape, "random", seed=9) | ~mask],
+    ids=["u-ends-on-a-tile", "u-ends-in-tile-3", "u-only-padded", "u-everything", "u-scattered"],
+)  # fmt: skip
+def test_valid_attention_visits_keys_in_u_first(emulated, u_of):
+    """The kernel visits the real keys of U first, then the other real keys: U ending on a tile boundary or
+    inside a tile, U empty or whole, scattered U; padded keys in U (never visited) and holes in the mask. Rows of
+    more than 192 real keys: the order entries of each tile are read two tiles ahead of its use."""
+    B, H, Hkv, N, d = 2, 2, 1, 300, 64
+    q, k, v = _qkv(B, H, Hkv, N, d, torch.float16, seed=8)
+    mask = padding_mask(B, N, "both", seed=2).cpu()
+    mask[:, 90:97] = False  # a hole inside the row
+    unmasked = u_of(mask)
+    with poisoned_outputs():
+        result = _cuda.valid_attention(q, k, v, unmasked, mask, d**-0.5, True, True)
+    _assert_matches_oracle(q, k, v, unmasked, mask, result)
+
+
+@pytest.mark.parametrize("N", [37, 700])
+def test_key_order_puts_u_first_and_leaves_padding_out(emulated, N):
+    """The order the preparation kernel writes, against plain lists: the real keys of U ascending, the other
+    real keys ascending, then 0s; counts (n_u, n_real). N = 700 gives the 256 threads segments of 3 keys."""
+    B, d = 4, 64
+    gen = torch.Generator().manual_seed(N)
+    mask = torch.rand(B, N, generator=gen) < 0.8
+    mask[1] = False  # no real key
+    mask[2] = True
+    unmasked = torch.rand(B, N, generator=gen) < 0.3
+    unmasked[2] = True
+    q, k, v = _qkv(B, 1, 1, N, d, torch.float16)
+    padded = _cuda._padded(N)
+    order = torch.full((B, padded), -7, dtype=torch.int32)
+    counts = torch.full((B, 2), -7, dtype=torch.int32)
+    s_part = torch.empty(B, 1, 1)  # held here: the module only gets addresses
+    emulated.valid_attention(
+        q.data_ptr(), k.data_ptr(), 0, (N * d, N * d, d), (N * d, N * d, d), (0, 0, 0),
+        mask.view(torch.uint8).data_ptr(), unmasked.view(torch.uint8).data_ptr(), order.data_ptr(), counts.data_ptr(),
+        s_part.data_ptr(), 0, 0, B, 1, 1, 1, N, padded, d, emulated.ATTENTION_FLOAT16, 0.125, 0, 0,
+    )  # fmt: skip
+    for b in range(B):
+        real = mask[b].tolist()
+        in_u = [key for key in range(N) if real[key] and unmasked[b, key]]
+        other = [key for key in range(N) if real[key] and not unmasked[b, key]]
+        assert order[b].tolist() == in_u + other + [0] * (padded - len(in_u) - len(other)), b
+        assert counts[b].tolist() == [len(in_u), len(in_u) + len(other)], b
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -265,11 +325,50 @@ def test_influence_matches_oracle(emulated, monkeypatch, mode, dtype, d):
     assert (total[~mask] == 0).all()
 
 
+def test_influence_skips_tiles_outside_the_counted_rows(emulated):
+    """Query tiles outside the counted rows and key tiles without a real key are skipped: left padding over
+    whole tiles, counted rows only at the end (a response), right padding, a row with no counted row, a row with
+    no real key. The extent the preparation kernel writes is checked against plain lists."""
+    B, H, Hkv, N, d = 4, 2, 1, 300, 64
+    q, k, _ = _qkv(B, H, Hkv, N, d, torch.float16, seed=11)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[0, :140] = False
+    mask[1, 250:] = False
+    mask[3] = False
+    query_mask = torch.zeros(B, N, dtype=torch.bool)
+    query_mask[:, 200:] = True
+    query_mask[0, 150] = True  # a counted row alone in its query tile
+    query_mask[2] = False
+    lse = oracle_lse(q, k, mask).float()
+
+    with poisoned_outputs():
+        total = _cuda.influence_sum(q, k, lse, mask, query_mask, d**-0.5)
+
+    expected = oracle_influence(q, k, mask, query_mask, norm="sum").cpu()
+    torch.testing.assert_close(total.double(), expected, atol=stat_tolerance(torch.float16) * 4, rtol=1e-3)
+    assert (total[~mask] == 0).all() and (total[2:] == 0).all()
+
+    padded = _cuda._padded(N)
+    lse2, part = torch.empty(B, H, padded), torch.empty(B, H, N)  # held here: the module only gets addresses
+    extent = torch.full((B, 4), -7, dtype=torch.int32)
+    emulated.influence_sum(
+        q.data_ptr(), k.data_ptr(), (H * N * d, N * d, d), (Hkv * N * d, N * d, d), lse.data_ptr(),
+        mask.view(torch.uint8).data_ptr(), query_mask.view(torch.uint8).data_ptr(), lse2.data_ptr(),
+        extent.data_ptr(), part.data_ptr(), B, H, Hkv, N, padded, d, emulated.ATTENTION_FLOAT16, 0.125, 0, 0,
+    )  # fmt: skip
+    for b in range(B):
+        counted = [row for row in range(N) if mask[b, row] and query_mask[b, row]]
+        real = [key for key in range(N) if mask[b, key]]
+        bounds = [counted[0], counted[-1] + 1] if counted else [N, 0]
+        bounds += [real[0], real[-1] + 1] if real else [N, 0]
+        assert extent[b].tolist() == bounds, b
+
+
 # --- host work per call -----------------------------------------------------------------------------------
 
 
 def test_a_call_needs_one_torch_kernel(emulated):
-    """Masks go over as bytes and the extension builds its key rows and base-2 lse itself: around the
+    """Masks go over as bytes and the extension builds its key order and base-2 lse itself: around the
     extension's launches (preparation + attention), a call runs only the head mean."""
     B, H, Hkv, N, d = 2, 4, 2, 70, 64
     q, k, v = _qkv(B, H, Hkv, N, d, torch.float16)
@@ -358,9 +457,9 @@ MUTANTS = {
     # the loop waits for one copy group too few: this block's K tile may still be in flight when read
     "missing_wait": ("      cp_async_wait<1>();  // K of this block",
                      "      cp_async_wait<2>();  // K of this block", 64, None),
-    # one buffer of key rows short: the second lies past the end of the dynamic shared memory
-    "shared_one_row_short": ("4 * kTile * static_cast<int>(sizeof(float));",
-                             "3 * kTile * static_cast<int>(sizeof(float));",
+    # one row short: the last row of the V tile lies past the end of the dynamic shared memory
+    "shared_one_row_short": ("(OUTPUT ? 3 : 2) * kTile * kLd * static_cast<int>(sizeof(T));",
+                             "((OUTPUT ? 3 : 2) * kTile - 1) * kLd * static_cast<int>(sizeof(T));",
                              64, r"cudaErrorIllegalAddress.*outside the \d+ bytes of dynamic shared memory"),
     # 52 KB of shared memory at d = 128 without opting in past 48 KiB
     "no_shared_opt_in": ("cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes)",

@@ -103,8 +103,8 @@ def _per_step_calls(device):
 @pytest.mark.parametrize("call", ["S", "S+lse, padded", "S+O+lse, padded", "I", "I, padded and counted rows"])
 def test_per_step_calls_are_four_launches_and_no_torch_kernels(call):
     """What Max-S decoding and the influence pass cost the host per call: exactly four Triton launches (prepare
-    the per-key rows and zero the flags, scan the inputs, the statistics, average over heads) and no torch op
-    that launches a kernel (a mask cast, a memset, an lse rescale would each be one more launch)."""
+    the key order or counted rows and zero the flags, scan the inputs, the statistics, average over heads) and no
+    torch op that launches a kernel (a mask cast, a memset, an lse rescale would each be one more launch)."""
     from conftest import BACKENDS, DEVICE, DeviceOpLog
 
     if "triton" not in BACKENDS:

@@ -12,7 +12,7 @@ or whose statistics overflow, is NaN in every output of that row. Here it runs o
 
 Per call on an H200 this replaced ~30 small launches (aminmax per tensor, casts, stack, masked_fill per
 output: ~0.4 ms of host time, bench/RESULTS.md) with these three; the flags are zeroed by the launch that
-prepares the call's other per-row inputs (``key_rows``, ``counted_rows``), so there is no memset.
+prepares the call's other per-row inputs (``key_order``, ``counted_rows``), so there is no memset.
 """
 
 from __future__ import annotations

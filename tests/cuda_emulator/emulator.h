@@ -130,6 +130,10 @@ void launch(void (*kernel)(Params...), unsigned int grid, unsigned int threads, 
 #define blockDim (::cuda_emulator::block_dim())
 
 // --- device functions -------------------------------------------------------------------------------------------
+// The integer min/max of CUDA's device math library (float math is the host's <math.h>).
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+
 inline void __syncthreads() { ::cuda_emulator::sync_block(); }
 inline int __syncthreads_count(int predicate) { return ::cuda_emulator::sync_block_count(predicate); }
 
