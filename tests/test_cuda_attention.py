@@ -128,6 +128,39 @@ def test_valid_attention_matches_oracle(shape, dtype, pattern, u_kind, layout):
 @needs_cuda_backend
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("u_kind", ["first-300", "scattered", "padded-only", "everything"])
+def test_valid_attention_visits_keys_in_u_first(dtype, d, u_kind):
+    """The kernel gathers K/V through each row's key order (the real keys of U, then the others; padding never):
+    rows of ~1,000 real keys (16 tiles), 200 keys of left padding, a hole, U ending inside a tile or scattered,
+    U only on padded keys and U everything. Against the float64 oracle and the Triton backend."""
+    B, H, Hkv, N = 2, 4, 2, 1111
+    q, k, v = _qkv(B, H, Hkv, N, d, dtype)
+    mask = torch.ones(B, N, dtype=torch.bool, device="cuda")
+    mask[0, :200] = False
+    mask[:, 500:517] = False
+    unmasked = {
+        "first-300": (mask.cumsum(-1) <= 300) | ~mask,
+        "scattered": _unmasked(B, N, "random") | ~mask,
+        "padded-only": ~mask,
+        "everything": torch.ones_like(mask),
+    }[u_kind]
+    res = agdo_kernels.valid_attention(
+        q, k, v, unmasked=unmasked, attention_mask=mask, return_output=True, return_lse=True, backend="cuda"
+    )
+    expected_s = (oracle_abar(q, k, mask) * (unmasked & mask)[:, None, :]).sum(-1) * mask
+    torch.testing.assert_close(res.s.double(), expected_s, atol=stat_tolerance(dtype), rtol=0)
+    torch.testing.assert_close(res.lse.double(), oracle_lse(q, k, mask), atol=1e-4, rtol=1e-5)
+    expected_out = gqa_sdpa(q.double(), k.double(), v.double(), mask)
+    sdpa_err = (gqa_sdpa(q, k, v, mask).double() - expected_out).abs().max().item()
+    ours_err = (res.out.double() - expected_out).abs().max().item()
+    assert ours_err <= 2 * sdpa_err + stat_tolerance(dtype), (ours_err, sdpa_err)
+    triton = agdo_kernels.valid_attention(q, k, unmasked=unmasked, attention_mask=mask, backend="triton")
+    torch.testing.assert_close(res.s, triton.s, atol=stat_tolerance(dtype), rtol=0)
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("N,Nq", [(37, 13), (130, 70), (200, 1), (77, 77)])
 def test_queries_that_are_the_last_keys(dtype, d, N, Nq):
     B, H, Hkv = 2, 8, 2
@@ -265,6 +298,28 @@ def test_influence_properties(dtype, d):
     assert torch.equal(agdo_kernels.influence(q, k, attention_mask=mask, backend="cuda"), total)
     triton = agdo_kernels.influence(q, k, attention_mask=mask, backend="triton")
     torch.testing.assert_close(total, triton, atol=N * stat_tolerance(dtype), rtol=1e-4)
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+def test_influence_skips_tiles_outside_the_counted_rows(dtype, d):
+    """Query tiles outside the counted rows and key tiles without a real key are skipped: 300 keys of left
+    padding, counted rows only in the last 256 (a response) plus one alone, right padding, a row without a
+    counted row."""
+    B, H, Hkv, N = 3, 4, 2, 1000
+    q, k, _ = _qkv(B, H, Hkv, N, d, dtype)
+    mask = torch.ones(B, N, dtype=torch.bool, device="cuda")
+    mask[0, :300] = False
+    mask[1, 900:] = False
+    query_mask = torch.zeros(B, N, dtype=torch.bool, device="cuda")
+    query_mask[:, N - 256 :] = True
+    query_mask[0, 320] = True
+    query_mask[2] = False
+    got = agdo_kernels.influence(q, k, attention_mask=mask, query_mask=query_mask, backend="cuda")
+    tol = stat_tolerance(dtype) * N
+    torch.testing.assert_close(got.double(), oracle_influence(q, k, mask, query_mask, "sum"), atol=tol, rtol=1e-4)
+    assert (got[~mask] == 0).all() and (got[2] == 0).all()
 
 
 @needs_cuda_backend
