@@ -41,8 +41,8 @@ EAGER_BUDGET_BYTES = 40 * 2**30 if ON_GPU else 2 * 2**30
 def _inputs(model, B, N, u_pattern="decoding"):
     """Random q/k/v and ``U``: ``decoding`` as semi-AR decoding leaves it (the first half — prompt and
     decoded blocks — in U, half of the current 32-token block, nothing after), ``random`` half of all keys
-    (as pure diffusion leaves it). The Triton kernel visits U's keys first either way (gathered K/V rows in
-    the second case), the CUDA kernel does the same per-key work for both."""
+    (as pure diffusion leaves it). The Triton and CUDA kernels visit U's keys first either way, gathering K/V
+    rows through each row's key order (in the first case nearly the identity: only the current block moves)."""
     H, Hkv, d = MODELS[model]
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     q = torch.randn(B, H, N, d, device=DEVICE, dtype=DTYPE, generator=gen)
