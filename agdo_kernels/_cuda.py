@@ -12,8 +12,9 @@ this module prepares the inputs on the right device first. Inputs arrive validat
   Masks go over as bytes; the extension builds what the kernels read from them itself (a call is two launches):
   ``valid_attention`` visits each row's keys in a key order, the real keys of ``U`` first, then the other real
   keys, never the padded ones, so ``S`` costs an add per key tile. O and lse are sums in that order: the same
-  q, k, v under another ``U`` may round differently in the last bits (deterministically; S is exact either way). Each program writes its head's row to a ``(B, H, ·)`` float32 buffer and the head average
-  is one torch mean afterwards (deterministic, no atomics).
+  q, k, v under another ``U`` may round differently in the last bits (deterministically; S is exact either way).
+  Each program writes its head's row to a ``(B, H, ·)`` float32 buffer and the head average is one torch mean
+  afterwards (deterministic, no atomics).
 
 Without a GPU, tests/test_cuda_emulated.py runs these functions on CPU tensors: it swaps ``_extension`` for the
 same sources compiled against a CPU emulator (tests/cuda_emulator) and ``_launch_target`` for a host "stream".

@@ -515,7 +515,9 @@ def nvcc_path() -> str | None:
 def _substitute(text: str, lines, kind: str, constant: str) -> str:
     for old, new in lines:
         if old not in text:
-            raise ValueError(f"csrc/attention_stats.cu no longer has the {kind} line {old.strip()!r}: update {constant}")
+            raise ValueError(
+                f"csrc/attention_stats.cu no longer has the {kind} line {old.strip()!r}: update {constant}"
+            )
         text = text.replace(old, new)
     return text
 
@@ -580,7 +582,8 @@ def compile_cuda(arch: int) -> list[CudaResult]:
 def render_cuda_table(results: list[CudaResult]) -> str:
     """Markdown, one table per target. ``per tile`` is what a steady iteration issues (shortest-longest path: the
     last tile issues no loads), ``S / floor`` compares it with the same kernel without S. ``edge tile``: the
-    longest iteration with the branches of the two edge tiles (the last one's mask, the one where U ends)."""
+    longest iteration with the branches of the two edge tiles (the last one's mask, the one where U ends). The
+    instruction classes count the shipped loop body, edge branches included."""
     lines = []
     for arch in sorted({r.arch for r in results}, reverse=True):
         lines += [
