@@ -116,7 +116,7 @@ def valid_attention(
     unmasked = _checks.check_mask(unmasked, "unmasked", B, N, q.device, required=True)
     attention_mask = _checks.check_mask(attention_mask, "attention_mask", B, N, q.device)
     scale = _checks.check_scale(scale, d)
-    impl = _backends.module(_backends.resolve(backend, q.device, "valid_attention"))
+    impl = _backends.module(_backends.resolve(backend, q.device, "valid_attention", q))
     s, out, lse = impl.valid_attention(
         q, k, v if return_output else None, unmasked, attention_mask, scale, bool(return_output), bool(return_lse)
     )
@@ -145,7 +145,7 @@ def influence(q, k, *, lse=None, attention_mask=None, query_mask=None, norm="sum
     lse = _checks.check_lse(lse, B, H, N, q.device)
     _checks.check_choice(norm, "norm", _checks.INFLUENCE_NORMS)
     scale = _checks.check_scale(scale, d)
-    impl = _backends.module(_backends.resolve(backend, q.device, "influence"))
+    impl = _backends.module(_backends.resolve(backend, q.device, "influence", q))
     poisons = _poisons_nonfinite_rows(impl)
     bad = None if poisons else _checks.nonfinite_rows(B, q, k, lse)
     if lse is None:
@@ -183,7 +183,7 @@ def response_attention(q, k, *, response_start, attention_mask=None, shift=False
     attention_mask = _checks.check_mask(attention_mask, "attention_mask", B, N, q.device)
     P = _checks.check_response_start(response_start, N, bool(shift))
     scale = _checks.check_scale(scale, d)
-    impl = _backends.module(_backends.resolve(backend, q.device, "response_attention"))
+    impl = _backends.module(_backends.resolve(backend, q.device, "response_attention", q))
     prompt = (torch.arange(N, device=q.device) < P).expand(B, N)
     s, _, lse = impl.valid_attention(q, k, None, prompt, attention_mask, scale, False, True)
     abar_rr = impl.response_block(q, k, lse, P, attention_mask, bool(shift), scale)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -61,6 +62,19 @@ def _triton_unavailable_reason(device: torch.device):
     return f"tensors are on {device}; Triton runs on CUDA devices, or on CPU only with TRITON_INTERPRET=1"
 
 
+def triton_tile_refusal(dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the compiled Triton kernels refuse ``dtype`` at ``head_dim``, or None.
+
+    float32 above head dim 128: its tf32x3 dots hold three times the operands, and every tile of every kernel
+    spills registers inside its hot loop on sm_90 (0.3-25 KB per thread, ``bench/compile_report.py``), while
+    ``influence``'s smallest pinned tile would need 320 KiB of shared memory (an H100 block has 227 KiB) and
+    fail to launch. The interpreter (CPU) is not compiled, so it takes every supported shape."""
+    if dtype == torch.float32 and head_dim > 128 and not triton_interpreted():
+        return (f"float32 attention inputs at head dim {head_dim} (> 128) compile to Triton code that spills "
+                "registers in its hot loop; pass bfloat16/float16 inputs, or use backend='torch' (chunked, exact)")
+    return None
+
+
 def _cuda_unavailable_reason(device: torch.device, op: str):
     if op not in CUDA_OPS:
         return f"`{op}` has no CUDA-extension implementation (only {list(CUDA_OPS)}); use 'triton'"
@@ -71,22 +85,29 @@ def _cuda_unavailable_reason(device: torch.device, op: str):
     return _cuda.unavailable_reason()
 
 
-def resolve(backend: str, device: torch.device, op: str) -> str:
-    """Return the concrete backend for ``op`` on ``device``, or raise naming why it cannot run."""
+def resolve(backend: str, device: torch.device, op: str, q: torch.Tensor | None = None) -> str:
+    """Return the concrete backend for ``op`` on ``device``, or raise naming why it cannot run.
+
+    ``q``: the attention call's queries, whose dtype and head dim Triton may refuse (``triton_tile_refusal``);
+    ``"auto"`` then runs the torch backend and says so in a warning."""
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}")
+    refusal = None if q is None else triton_tile_refusal(q.dtype, q.shape[-1])
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
         for candidate in AUTO_PREFERENCE.get(op, ("triton",)):
-            reason = (
-                _cuda_unavailable_reason(device, op) if candidate == "cuda" else _triton_unavailable_reason(device)
-            )
+            if candidate == "cuda":
+                reason = _cuda_unavailable_reason(device, op)
+            else:
+                reason = _triton_unavailable_reason(device) or refusal
             if reason is None:
                 return candidate
+        if refusal is not None:
+            warnings.warn(f'`{op}` with backend="auto" runs the torch backend: {refusal}', stacklevel=3)
         return "torch"
     if backend == "triton":
-        reason = _triton_unavailable_reason(device)
+        reason = _triton_unavailable_reason(device) or refusal
     elif backend == "cuda":
         reason = _cuda_unavailable_reason(device, op)
     else:

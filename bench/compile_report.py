@@ -51,7 +51,7 @@ import torch
 SEQ_LEN = 1000
 HEADS, KV_HEADS = 8, 2
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (64, 128, 256)
 # Shared memory one block may use: H100 227 KiB, A100 163 KiB. Triton compiles bigger tiles; they fail to launch.
 SHARED_LIMIT = {90: 232_448, 80: 166_912}
 # SASS opcode classes counted in the hot loop: (column, opcode prefixes).
@@ -195,8 +195,10 @@ def _module(kernel):
 
 
 def cases(*, arches, dtypes, head_dims, kernels, all_configs, floors, max_registers, kv_heads=KV_HEADS) -> list[Case]:
-    """Every (kernel, arch, dtype, head dim, key mask, config) to compile; fp32 only with its pinned tile.
+    """Every (kernel, arch, dtype, head dim, key mask, config) to compile; fp32 only with its pinned tile, and not
+    above head dim 128 (the launchers refuse it: ``triton_tile_refusal``).
     ``floors``: valid_attention's cases also without S."""
+    from agdo_kernels._backends import triton_tile_refusal
     from agdo_kernels.triton._common import pinned_config
 
     found = []
@@ -209,6 +211,8 @@ def cases(*, arches, dtypes, head_dims, kernels, all_configs, floors, max_regist
         for arch in arches:
             for dtype in dtypes:
                 for head_dim in head_dims:
+                    if triton_tile_refusal(DTYPES[dtype], head_dim):
+                        continue  # the launcher refuses it: nothing ships
                     pinned = pinned_config(gpu_configs, DTYPES[dtype], head_dim, arch, sm80_fp32)
                     configs = gpu_configs if all_configs and dtype != "fp32" else [pinned]
                     for config in configs:

@@ -63,6 +63,37 @@ def test_pinned_configs_do_not_spill(pinned_sm90):
     assert not spilling, "register spills in shipped configs:\n" + "\n".join(
         f"{row['case']}:\n{row['ptxas_log']}" for row in spilling
     )
+    assert all(row["shared_bytes"] <= compile_report.SHARED_LIMIT[90] for row in rows)
+
+
+@pytest.fixture(scope="module", params=[("fp32", "128"), ("bf16", "256")], ids=["fp32-d128", "bf16-d256"])
+def pinned_sm90_edges(request, tmp_path_factory):
+    """The shipped extremes beside bf16 at head dim 128: float32 (tf32x3 dots, the largest head dim it may
+    take) and the largest head dim. float32 above 128 is refused by the launchers, so it has nothing to ship."""
+    dtype, head_dim = request.param
+    rows, table = run_report(tmp_path_factory.mktemp(f"{dtype}-{head_dim}"), "--arch", "90", "--dtype", dtype,
+                             "--head-dim", head_dim, "--no-floor",
+                             "--kernel", "valid_attention", "influence", "response_block")  # fmt: skip
+    return dtype, rows, table
+
+
+def test_edge_configs_fit_and_keep_spills_out_of_the_hot_loop(pinned_sm90_edges):
+    """Every pinned sm_90 config fits a block's shared memory and has no spill code in its hot loop; fp16/bf16
+    spill nowhere. float32's tf32x3 at head dim 128 keeps under 1 KiB of spills outside the loop (544 B in
+    valid_attention; no tile of the sweep in bench/RESULTS.md spills nothing)."""
+    dtype, rows, table = pinned_sm90_edges
+    assert len(rows) == 6, table  # 3 kernels x key mask off/on
+    assert all(row["shared_bytes"] <= compile_report.SHARED_LIMIT[90] for row in rows), table
+    assert all(row["loop_instructions"] > 0 and row["loop_classes"]["LDL/STL"] == 0 for row in rows), table
+    allowed = 1024 if dtype == "fp32" else 0
+    assert all(row["spill_store_bytes"] <= allowed and row["spill_load_bytes"] <= allowed for row in rows), table
+
+
+def test_refused_float32_head_dims_have_no_cases(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # compiled, as in the report's subprocess
+    found = compile_report.cases(arches=[90], dtypes=["fp32"], head_dims=[128, 256], kernels=["influence"],
+                                 all_configs=False, floors=False, max_registers=None)  # fmt: skip
+    assert {case.head_dim for case in found} == {128}
 
 
 def test_valid_attention_meets_the_floor_target(pinned_sm90):

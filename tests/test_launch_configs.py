@@ -54,6 +54,59 @@ def test_pinned_by_default_with_the_first_config(compiled):
     assert path == "pinned"
     assert (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]) == CONFIGS[0]
     assert kwargs["HEAD_DIM"] == 128
+    assert kwargs["enable_fp_fusion"] is True  # named, so a change of Triton's default cannot change rounding
+
+
+def test_launch_makes_the_tensors_device_current(compiled, monkeypatch):
+    """A tensor on cuda:1 launches on cuda:1 whatever the current device is: the launch happens inside
+    ``torch.cuda.device(that device)`` (recorded here: no GPU needed)."""
+    entered, kernel = [], RecordingKernel()
+
+    class RecordingDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append((self.device, len(kernel.calls)))
+
+        def __exit__(self, *exc):
+            entered.append(("exit", len(kernel.calls)))
+
+    monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
+    _common.launch(kernel, None, gpu_configs=CONFIGS, dtype=torch.float16, head_dim=64,
+                   device=torch.device("cuda", 1), HEAD_DIM=64)  # fmt: skip
+    assert entered == [(torch.device("cuda", 1), 0), ("exit", 1)]
+
+
+def test_float32_above_head_dim_128_is_refused_when_compiled(compiled):
+    """Every compiled tile spills in its hot loop there (bench/compile_report.py); the interpreter is exempt."""
+    q = torch.zeros(1, 2, 3, 256)
+    with pytest.raises(ValueError, match="`q`: float32 attention inputs at head dim 256"):
+        _common.check_supported(q)
+    with pytest.raises(ValueError, match="head dim 256"):
+        _common.check_supported(torch.zeros(1, 2, 3, 64), torch.zeros(1, 2, 3, 256))  # v's head dim too
+    _common.check_supported(q.bfloat16())
+    _common.check_supported(torch.zeros(1, 2, 3, 128))
+
+
+def test_interpreter_takes_float32_at_head_dim_256(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _common.check_supported(torch.zeros(1, 2, 3, 256))
+
+
+def test_auto_runs_torch_for_what_triton_refuses(compiled):
+    """On a CUDA device (no tensor is touched, so no GPU is needed) ``auto`` picks Triton unless it refuses the
+    queries; then the torch backend runs with a warning; ``backend="triton"`` raises naming the reason."""
+    from agdo_kernels import _backends
+
+    cuda = torch.device("cuda")
+    refused = torch.zeros(1, 2, 3, 256)
+    for op in ("valid_attention", "influence", "response_attention"):
+        assert _backends.resolve("auto", cuda, op, refused.bfloat16()) == "triton"
+        with pytest.warns(UserWarning, match=f'`{op}` with backend="auto" runs the torch backend: float32'):
+            assert _backends.resolve("auto", cuda, op, refused) == "torch"
+        with pytest.raises(ValueError, match="backend='triton'.*float32 attention inputs at head dim 256"):
+            _backends.resolve("triton", cuda, op, refused)
 
 
 def test_autotuning_only_on_request_and_never_for_fp32_or_head_dim_256(compiled):

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backends import deterministic, triton_interpreted
+from .._backends import deterministic, triton_interpreted, triton_tile_refusal
 
 LOG2E = math.log2(math.e)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -22,7 +22,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_supported(q: torch.Tensor, v: torch.Tensor | None = None) -> None:
-    """Raise for what the kernels cannot tile: head dims that are not 16..256 powers of two, float64."""
+    """Raise for what the kernels cannot tile: head dims that are not 16..256 powers of two, float64, and
+    compiled float32 above head dim 128 (``triton_tile_refusal``)."""
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"the Triton backend takes float32/float16/bfloat16 attention inputs; `q` has dtype {q.dtype}. "
@@ -34,6 +35,9 @@ def check_supported(q: torch.Tensor, v: torch.Tensor | None = None) -> None:
                 f"the Triton backend supports head dims {list(SUPPORTED_HEAD_DIMS)}; `{name}` has head dim "
                 f'{t.shape[-1]}. Use backend="torch" for other head dims.'
             )
+    refusal = triton_tile_refusal(q.dtype, max(q.shape[-1], 0 if v is None else v.shape[-1]))
+    if refusal is not None:
+        raise ValueError(f"`q`: {refusal}")
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..reference.ordering import dense_steps, greedy_window
-from ._common import device_guard, next_power_of_2
+from ._common import FP_FUSION, device_guard, next_power_of_2
 
 
 @triton.jit
@@ -71,5 +71,6 @@ def greedy_order(abar_rr, s0, valid, step_size, block_size, block_mode):
                 greedy_window(R, block_size, block_mode),
                 BLOCK_R=block_r,
                 num_warps=_num_warps(block_r),
+                enable_fp_fusion=FP_FUSION,
             )
     return dense_steps(rank, block_size)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    FP_FUSION,
     LOG2E,
     as_bytes,
     cdiv,
@@ -195,7 +196,7 @@ def counted_rows(lse, attention_mask, query_mask, flags):
         _counted_rows_kernel[(B * H,)](lse, *lse.stride(), *masks, lse2, extent, flags, H, N,
                                        HAS_KEY_MASK=attention_mask is not None,
                                        HAS_QUERY_MASK=query_mask is not None,
-                                       BLOCK=min(1024, next_power_of_2(N)))
+                                       BLOCK=min(1024, next_power_of_2(N)), enable_fp_fusion=FP_FUSION)
     return lse2, extent
 
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, device_guard, next_power_of_2
+from ._common import FP_FUSION, cdiv, device_guard, next_power_of_2
 
 _SCAN_ELEMENTS = 4096  # elements per scanning program
 _FINISH_BLOCK = 128  # query rows per finishing program
@@ -106,7 +106,7 @@ def flag_nonfinite_rows(B: int, *tensors, flags: torch.Tensor) -> torch.Tensor:
         _scan_kernel[(programs,)](
             flags, B, *args[0], *args[1], *args[2],
             BR_A=blocks[0][0], BZ_A=blocks[0][1], BR_B=blocks[1][0], BZ_B=blocks[1][1],
-            BR_C=blocks[2][0], BZ_C=blocks[2][1],
+            BR_C=blocks[2][0], BZ_C=blocks[2][1], enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return flags
 
@@ -156,6 +156,6 @@ def finish_rows(part: torch.Tensor, flags: torch.Tensor, lse: torch.Tensor | Non
             H, N, out.shape[-1] if out is not None else 1, *(out.stride() if out is not None else (0, 0, 0, 0)),
             1.0 / H, HAS_LSE=lse is not None, HAS_OUT=out is not None,
             BLOCK_DV=next_power_of_2(out.shape[-1]) if out is not None else 1,
-            BLOCK=_FINISH_BLOCK,
+            BLOCK=_FINISH_BLOCK, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return result

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    FP_FUSION,
     LOG2E,
     as_bytes,
     cdiv,
@@ -272,6 +273,7 @@ def key_order(unmasked: torch.Tensor, attention_mask: torch.Tensor | None, flags
         _key_order_kernel[(B,)](
             as_bytes(unmasked), as_bytes(attention_mask) if attention_mask is not None else order, order, counts,
             flags, N, HAS_KEY_MASK=attention_mask is not None, BLOCK=min(1024, next_power_of_2(N)),
+            enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return order, counts
 
