@@ -11,6 +11,7 @@ Public calls (tensors in, tensors out; nothing here knows about models or traini
 Every call takes ``backend="auto" | "torch" | "triton" | "cuda"``; see :func:`available_backends`.
 Triton launches use one pinned config per (kernel, dtype, head dim) unless :func:`set_deterministic`
 ``(False)`` lets fp16/bf16 autotune (faster tiles, but the summation order may then differ between runs).
+:func:`set_warp_specialize` ``(True)`` opts ``influence`` into its Hopper warp-specialised variant (untimed yet).
 
 Non-finite values (the same rule on every backend, applied here after the backend ran):
 
@@ -33,7 +34,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _backends, _checks
-from ._backends import deterministic, set_deterministic
+from ._backends import deterministic, set_deterministic, set_warp_specialize, warp_specialize
 
 __all__ = [
     "valid_attention",
@@ -44,6 +45,8 @@ __all__ = [
     "available_backends",
     "set_deterministic",
     "deterministic",
+    "set_warp_specialize",
+    "warp_specialize",
     "ValidAttention",
     "ResponseAttention",
 ]

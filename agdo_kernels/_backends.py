@@ -48,6 +48,25 @@ def deterministic() -> bool:
     return _deterministic
 
 
+_warp_specialize = os.environ.get("AGDO_KERNELS_WARP_SPECIALIZE", "0") not in ("", "0")
+
+
+def set_warp_specialize(enabled: bool) -> None:
+    """Hopper warp specialisation for ``influence`` (off by default): on sm_90+ with fp16/bf16 inputs whose
+    rows TMA can read, the Triton kernel loads Q and K through TMA descriptors and splits its query loop into
+    producer and consumer warps (4 warps become 12), so the tensor-core product overlaps the exponentials.
+    Compiled with Triton 3.6 and 3.9 (bench/RESULTS.md) and exact against the float64 oracle on the
+    interpreter, but not yet timed or run on a GPU: off until ``bench/bench_attention.py`` shows it faster.
+    Environment default: ``AGDO_KERNELS_WARP_SPECIALIZE=0``."""
+    global _warp_specialize
+    _warp_specialize = bool(enabled)
+
+
+def warp_specialize() -> bool:
+    """Whether ``influence`` may run its warp-specialised Hopper variant (see ``set_warp_specialize``)."""
+    return _warp_specialize
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

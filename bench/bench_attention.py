@@ -10,7 +10,7 @@ baseline:
   flash-attn 2; where installed) as a second attention-only baseline, (g) the Triton kernel without S
   (its FlashAttention floor): Triton / floor is what S costs on the device.
 - ``influence``: the same SDPA forward as time baseline; eager column sums, the torch reference, Triton,
-  CUDA.
+  Triton's warp-specialised Hopper variant (``set_warp_specialize(True)``; sm_90+ only), CUDA.
 Shapes: the last layer of Dream (H=28, Hkv=4, d=128) and LLaDA (H=Hkv=32, d=128). GPU: bf16, N up to
 8192, B 1 and 8; CPU: float32 at small N only (the interpreter is not a performance backend).
 """
@@ -163,10 +163,20 @@ def test_valid_attention(measure, model, B, N, impl, u_pattern):
             baseline=impl == "sdpa_forward", model=model, B=B, N=N)
 
 
+@pytest.fixture
+def warp_specialized(request):
+    """``set_warp_specialize(True)`` for the ``triton_warp_specialized`` cases only."""
+    agdo_kernels.set_warp_specialize(request.node.callspec.params["impl"] == "triton_warp_specialized")
+    yield
+    agdo_kernels.set_warp_specialize(False)
+
+
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("B,N", SIZES)
-@pytest.mark.parametrize("impl", ["sdpa_forward", "eager", "torch_reference", "triton", "cuda"])
-def test_influence(measure, model, B, N, impl):
+@pytest.mark.parametrize("impl", ["sdpa_forward", "eager", "torch_reference", "triton", "triton_warp_specialized", "cuda"])
+def test_influence(measure, warp_specialized, model, B, N, impl):
+    if impl == "triton_warp_specialized" and not (ON_GPU and torch.cuda.get_device_capability()[0] >= 9):
+        pytest.skip("the warp-specialised variant runs on sm_90 or later")
     q, k, v, _ = _inputs(model, B, N)
     # The row lse comes out of the forward pass the model runs anyway; I is the extra pass.
     lse = agdo_kernels.valid_attention(q, k, unmasked=torch.zeros(B, N, dtype=torch.bool, device=DEVICE),
@@ -176,9 +186,10 @@ def test_influence(measure, model, B, N, impl):
         "eager": lambda: eager_influence(q, k),
         "torch_reference": lambda: agdo_kernels.influence(q, k, lse=lse, backend="torch"),
         "triton": lambda: agdo_kernels.influence(q, k, lse=lse, backend="triton"),
+        "triton_warp_specialized": lambda: agdo_kernels.influence(q, k, lse=lse, backend="triton"),
         "cuda": lambda: agdo_kernels.influence(q, k, lse=lse, backend="cuda"),
     }
-    _skip_unavailable(impl, "influence")
+    _skip_unavailable(impl.removesuffix("_warp_specialized"), "influence")
     if impl == "eager" and not _eager_fits(model, B, N):
         pytest.skip("eager attention probabilities would not fit in memory")
     measure(fns[impl], group=f"influence {model} B={B} N={N} {DTYPE}", impl=impl,

@@ -78,6 +78,7 @@ class Case:
     floor: bool = False  # valid_attention without S (COMPUTE_S=False)
     max_registers: int | None = None  # ptxas' register cap (the launch option ``maxnreg``); None: none
     kv_heads: int = KV_HEADS  # of HEADS query heads: KV_HEADS is GQA, HEADS none
+    warp_specialize: bool = False  # influence's Hopper variant (agdo_kernels.set_warp_specialize)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Result:
     loop_classes: dict = field(default_factory=dict)
     loop_paths: tuple = (0, 0)  # instructions issued by the shortest and the longest iteration; (0, 0): unknown
     ptxas_log: str = ""
+    warps_run: int = 0  # warps per block as compiled: more than the config's when Triton warp-specialised the loop
 
     @property
     def spills(self) -> bool:
@@ -194,10 +196,12 @@ def _module(kernel):
     return importlib.import_module(KERNELS[kernel].module)
 
 
-def cases(*, arches, dtypes, head_dims, kernels, all_configs, floors, max_registers, kv_heads=KV_HEADS) -> list[Case]:
+def cases(*, arches, dtypes, head_dims, kernels, all_configs, floors, max_registers, kv_heads=KV_HEADS,
+          warp_specialize=False) -> list[Case]:  # fmt: skip
     """Every (kernel, arch, dtype, head dim, key mask, config) to compile; fp32 only with its pinned tile, and not
     above head dim 128 (the launchers refuse it: ``triton_tile_refusal``).
-    ``floors``: valid_attention's cases also without S."""
+    ``floors``: valid_attention's cases also without S. ``warp_specialize``: influence's fp16/bf16 cases also as
+    its warp-specialised variant, with that variant's pinned config."""
     from agdo_kernels._backends import triton_tile_refusal
     from agdo_kernels.triton._common import pinned_config
 
@@ -220,6 +224,11 @@ def cases(*, arches, dtypes, head_dims, kernels, all_configs, floors, max_regist
                             for floor in (False, True) if floors and kernel == "valid_attention" else (False,):
                                 found.append(Case(kernel, arch, dtype, head_dim, key_mask, tuple(config),
                                                   config == pinned, floor, max_registers, kv_heads))  # fmt: skip
+                    if warp_specialize and kernel == "influence" and dtype != "fp32" and arch >= 90:
+                        config = pinned_config(_module(kernel)._WARP_SPECIALIZED_CONFIGS, DTYPES[dtype], head_dim)
+                        found += [Case(kernel, arch, dtype, head_dim, key_mask, tuple(config), True,
+                                       max_registers=max_registers, kv_heads=kv_heads, warp_specialize=True)
+                                  for key_mask in (False, True)]  # fmt: skip
     return found
 
 
@@ -241,6 +250,8 @@ def _launch_arguments(case: Case):
                                ("counted_rows", _counted_rows)):
         if hasattr(module, name):
             before.enter_context(mock.patch.object(module, name, stand_in_for))
+    if case.warp_specialize:  # as on an H100 with agdo_kernels.set_warp_specialize(True)
+        before.enter_context(mock.patch.object(module, "_warp_specializable", lambda q, k: True))
     try:
         with stand_in, before:
             spec.call(module, case)
@@ -285,7 +296,7 @@ def compile_case(case: Case) -> Result:
     loop = hot_loop(sass, KERNELS[case.kernel].marker)
     return Result(case, **usage, shared_bytes=compiled.metadata.shared, loop_instructions=len(loop),
                   loop_paths=loop_paths(sass, KERNELS[case.kernel].marker), loop_classes=instruction_classes(loop),
-                  ptxas_log=log.getvalue())  # fmt: skip
+                  ptxas_log=log.getvalue(), warps_run=compiled.metadata.num_warps)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -432,7 +443,7 @@ def render_table(results: list[Result]) -> str:
         ]
         for r in (r for r in results if r.case.arch == arch):
             c = r.case
-            name = c.kernel + (" floor (no S)" if c.floor else "")
+            name = c.kernel + (" floor (no S)" if c.floor else "") + (" warp-specialised" if c.warp_specialize else "")
             floor = None if c.floor else _floor_of(r, results)
             low, high = _per_tile(r)
             ratio = "—"
@@ -442,6 +453,8 @@ def render_table(results: list[Result]) -> str:
             config = ", ".join(map(str, c.config)) + (" (pinned)" if c.pinned else "") if c.config else "launcher's"
             if c.max_registers:
                 config += f", ≤ {c.max_registers} regs"
+            if c.config and r.warps_run and r.warps_run != c.config[2]:
+                config += f"; {r.warps_run} warps run"
             if c.kv_heads != KV_HEADS and c.config:
                 name += f" ({HEADS} heads, {c.kv_heads} KV)"
             spills = f"**{r.spill_store_bytes}/{r.spill_load_bytes}**" if r.spills else "0/0"
@@ -628,6 +641,8 @@ def _parse_args():
     parser.add_argument("--kv-heads", type=int, default=KV_HEADS, choices=(1, 2, 4, HEADS),
                         help=f"key/value heads of the {HEADS} query heads ({HEADS}: no GQA)")
     parser.add_argument("--max-registers", type=int, help="cap ptxas' registers per thread (forces spills)")
+    parser.add_argument("--warp-specialize", action="store_true",
+                        help="influence also as its warp-specialised Hopper variant (fp16/bf16)")
     parser.add_argument("--cuda", action="store_true", help="report csrc/attention_stats.cu (nvcc) instead")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiles in parallel")
     parser.add_argument("--out", help="write the Markdown table to this file")
@@ -658,7 +673,7 @@ def main():
     else:
         todo = cases(arches=args.arch, dtypes=args.dtype, head_dims=args.head_dim, kernels=args.kernel,
                      all_configs=args.all_configs, floors=not args.no_floor, max_registers=args.max_registers,
-                     kv_heads=args.kv_heads)  # fmt: skip
+                     kv_heads=args.kv_heads, warp_specialize=args.warp_specialize)  # fmt: skip
         results = []
         # Every compile is forced (a cache hit has no ptxas report): keep their files out of Triton's cache.
         with tempfile.TemporaryDirectory() as cache:

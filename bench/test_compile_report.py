@@ -48,9 +48,9 @@ def run_report(tmp_path, *args) -> tuple[list[dict], str]:
 @pytest.fixture(scope="module")
 def pinned_sm90(tmp_path_factory):
     """Every kernel's pinned config for sm_90, bf16, head dim 128, with and without a key mask (valid_attention
-    also as its FlashAttention floor)."""
+    also as its FlashAttention floor, influence also as its warp-specialised variant)."""
     pinned = tmp_path_factory.mktemp("pinned")
-    return run_report(pinned, "--arch", "90", "--dtype", "bf16", "--head-dim", "128")
+    return run_report(pinned, "--arch", "90", "--dtype", "bf16", "--head-dim", "128", "--warp-specialize")
 
 
 def _spills(row):
@@ -94,6 +94,15 @@ def test_refused_float32_head_dims_have_no_cases(monkeypatch):
     found = compile_report.cases(arches=[90], dtypes=["fp32"], head_dims=[128, 256], kernels=["influence"],
                                  all_configs=False, floors=False, max_registers=None)  # fmt: skip
     assert {case.head_dim for case in found} == {128}
+
+
+def test_influence_is_warp_specialised_on_hopper(pinned_sm90):
+    """The opt-in variant (``agdo_kernels.set_warp_specialize``) really is specialised: its 4 warps compile to
+    12 (a TMA producer group and two consumer groups); a Triton that stops doing so fails here."""
+    rows, table = pinned_sm90
+    specialised = [row for row in rows if row["case"]["warp_specialize"]]
+    assert len(specialised) == 2, table
+    assert all(row["warps_run"] == 3 * row["case"]["config"][2] == 12 for row in specialised), table
 
 
 def test_valid_attention_meets_the_floor_target(pinned_sm90):

@@ -1,10 +1,12 @@
 """influence: I against the float64 oracle for every norm, and its defining properties."""
 
+from unittest import mock
+
 import pytest
 import torch
 
 import agdo_kernels
-from conftest import DEVICE, DTYPES, oracle_influence, padding_mask, random_qkv, stat_tolerance
+from conftest import BACKENDS, DEVICE, DTYPES, oracle_influence, padding_mask, random_qkv, stat_tolerance
 
 SHAPES = [(1, 1, 1, 1, 16), (2, 4, 1, 17, 32), (2, 7, 1, 45, 64), (1, 8, 8, 130, 16), (1, 28, 4, 21, 128)]
 
@@ -68,3 +70,46 @@ def test_no_valid_query_rows_gives_zeros(backend):
     for norm in ("sum", "mean", "max"):
         got = agdo_kernels.influence(q, k, query_mask=none, norm=norm, backend=backend)
         assert torch.isfinite(got).all() and (got == 0).all()
+
+
+@pytest.fixture
+def warp_specialized():
+    agdo_kernels.set_warp_specialize(True)
+    yield
+    agdo_kernels.set_warp_specialize(False)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 37, 16), (1, 6, 2, 70, 64), (1, 2, 2, 130, 32)],
+                         ids=lambda s: "x".join(map(str, s)))  # fmt: skip
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32], ids=str)
+def test_warp_specialized_variant_matches_oracle(warp_specialized, shape, dtype):
+    """The Hopper variant (Q and K through TMA descriptors, one query loop with no ragged tail): the same I as
+    the float64 oracle with left padding, a query mask and a ragged last tile; rows TMA cannot address (a
+    head-dim stride other than 1) take the pointer variant. Which variant ran is read from the launch."""
+    if "triton" not in BACKENDS:
+        pytest.skip("Triton needs a CUDA device, or TRITON_INTERPRET=1 on CPU")
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the warp-specialised variant needs sm_90 or later")
+    from agdo_kernels.triton import influence as module
+
+    B, H, Hkv, N, d = shape
+    q, k, _ = random_qkv(B, H, Hkv, N, d, dtype)
+    mask = padding_mask(B, N, "left")
+    query_mask = (torch.rand(B, N, generator=torch.Generator().manual_seed(5)) < 0.6).to(DEVICE)
+    variants, launch = [], module.launch
+
+    def spy(*args, **kwargs):
+        variants.append(kwargs["WARP_SPECIALIZE"])
+        return launch(*args, **kwargs)
+
+    strided_q = q.transpose(2, 3).contiguous().transpose(2, 3)  # same values, head-dim stride N
+    with mock.patch.object(module, "launch", spy):
+        got = agdo_kernels.influence(q, k, attention_mask=mask, query_mask=query_mask, backend="triton")
+        fallback = agdo_kernels.influence(strided_q, k, attention_mask=mask, query_mask=query_mask, backend="triton")
+        unmasked = agdo_kernels.influence(q, k, backend="triton")
+    assert variants == [True, False, True]
+    tol = stat_tolerance(dtype) * N
+    torch.testing.assert_close(got.double(), oracle_influence(q, k, mask, query_mask, "sum"), atol=tol, rtol=1e-4)
+    torch.testing.assert_close(fallback, got, atol=tol, rtol=1e-4)
+    no_mask = torch.ones(B, N, dtype=torch.bool, device=DEVICE)
+    torch.testing.assert_close(unmasked.double(), oracle_influence(q, k, no_mask, no_mask, "sum"), atol=tol, rtol=1e-4)

@@ -8,7 +8,7 @@ and every program index is widened to int64 before it multiplies a stride (B*H*N
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import triton
@@ -79,6 +79,25 @@ def device_guard(device: torch.device):
     """Launch context for tensors on ``device``: that CUDA device current (whatever the caller's is); nothing
     on CPU (the interpreter)."""
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
+@contextmanager
+def descriptor_scratch(device: torch.device):
+    """Launch context for kernels that build TMA descriptors on the device: Triton asks an allocator for their
+    global scratch, and has none unless the user set one; a torch allocation on ``device`` serves the launch,
+    and the user's choice (even none) is restored after it."""
+    from triton.runtime import _allocation
+
+    if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = _allocation._allocator.set(
+        lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device)
+    )
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def _arch(device: torch.device) -> int:

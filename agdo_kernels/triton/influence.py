@@ -17,16 +17,20 @@ exactly 0; padded keys are zeroed once at the end (with a given ``lse`` they do 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import triton
 import triton.language as tl
 
+from .._backends import triton_interpreted, warp_specialize
 from ._common import (
     FP_FUSION,
     LOG2E,
     as_bytes,
     cdiv,
     check_supported,
+    descriptor_scratch,
     device_guard,
     dot_precision,
     launch,
@@ -36,7 +40,7 @@ from ._common import (
     tuning_bucket,
     tuning_configs,
 )
-from .nonfinite import finish_rows, flag_if_nonfinite, flag_nonfinite_rows
+from .nonfinite import finish_rows, flag_each_nonfinite, flag_nonfinite_rows
 
 # (BLOCK_M query rows per step, BLOCK_N keys per program, num_warps, num_stages) for H100.
 _GPU_CONFIGS = [
@@ -51,6 +55,12 @@ _GPU_CONFIGS = [
 # fp32 on sm_80 (bench/compile_report.py --arch 80 --dtype fp32): spills 700 B at head dim 128, none in the
 # hot loop (the smallest tile of the list spills 20 KB there: ptxas falls back to 32 registers).
 _SM80_FP32_CONFIG = (64, 32, 8, 1)
+# The warp-specialised variant (``set_warp_specialize``): Triton 3.6/3.9 specialise its loop only with 4 warps
+# (8 warps compile unchanged), which become 12: a TMA producer warp group and two consumers.
+_WARP_SPECIALIZED_CONFIGS = [
+    (64, 128, 4, 3),
+    (64, 64, 4, 3),
+]
 
 
 @triton.jit
@@ -71,6 +81,12 @@ def _query_block_mass(
     """``sum_i p[i, key]`` over query rows ``[start_m, start_m + BLOCK_M)`` for every key of the tile."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = load_tile(q_base, offs_m, N, stride_qn, tl.arange(0, HEAD_DIM), stride_qd, BOUNDARY)
+    return _tile_mass(k, q, lse2_row, offs_m, N, qk_scale, BOUNDARY, DOT_PRECISION)
+
+
+@triton.jit
+def _tile_mass(k, q, lse2_row, offs_m, N, qk_scale, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``sum_i p[i, key]`` of the loaded query tile ``q`` (rows ``offs_m``) for every key of ``k``."""
     if BOUNDARY:
         lse2 = tl.load(lse2_row + offs_m, mask=offs_m < N, other=float("inf"))
     else:
@@ -107,6 +123,7 @@ def _influence_kernel(
     HAS_KEY_MASK: tl.constexpr,
     HAS_EXTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,  # Hopper: Q and K through TMA descriptors, the query loop warp-specialised
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -116,8 +133,16 @@ def _influence_kernel(
     h = bh % H
     offs_n = (tl.program_id(0) % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_base = k_ptr + b * stride_kb + (h // GROUP) * stride_kh
-    k = load_tile(k_base, offs_n, N, stride_kn, tl.arange(0, HEAD_DIM), stride_kd, True)
     q_base = q_ptr + b * stride_qb + h * stride_qh
+    if WARP_SPECIALIZE:
+        # Rows past N read as zeros (TMA's bounds), and their lse2 as +inf: p = 0 without a masked tile.
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[N, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])  # fmt: skip
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[N, HEAD_DIM], strides=[stride_qn, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])  # fmt: skip
+        k = k_desc.load([(tl.program_id(0) % tiles) * BLOCK_N, 0])
+    else:
+        k = load_tile(k_base, offs_n, N, stride_kn, tl.arange(0, HEAD_DIM), stride_kd, True)
     lse2_row = lse2_ptr + bh * N
 
     # Only the query blocks from the one holding the first counted row to the last counted row (the others
@@ -132,19 +157,23 @@ def _influence_kernel(
         lo = 0
         hi = N
     col_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    m_full = lo + (tl.maximum(hi - lo, 0) // BLOCK_M) * BLOCK_M
-    for start_m in range(lo, m_full, BLOCK_M):
-        col_sum += _query_block_mass(
-            k, q_base, lse2_row, start_m, N, stride_qn, stride_qd, qk_scale, HEAD_DIM, BLOCK_M, False, DOT_PRECISION
-        )
-    if m_full < hi:
-        col_sum += _query_block_mass(
-            k, q_base, lse2_row, m_full, N, stride_qn, stride_qd, qk_scale, HEAD_DIM, BLOCK_M, True, DOT_PRECISION
-        )
+    if WARP_SPECIALIZE:
+        # One loop with no tail: Triton's warp specialisation leaves a loop followed by a ragged block alone.
+        for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=True):
+            q = q_desc.load([start_m, 0])
+            col_sum += _tile_mass(k, q, lse2_row, start_m + tl.arange(0, BLOCK_M), N, qk_scale, True, DOT_PRECISION)
+    else:
+        m_full = lo + (tl.maximum(hi - lo, 0) // BLOCK_M) * BLOCK_M
+        for start_m in range(lo, m_full, BLOCK_M):
+            col_sum += _query_block_mass(k, q_base, lse2_row, start_m, N, stride_qn, stride_qd, qk_scale, HEAD_DIM,
+                                         BLOCK_M, False, DOT_PRECISION)  # fmt: skip
+        if m_full < hi:
+            col_sum += _query_block_mass(k, q_base, lse2_row, m_full, N, stride_qn, stride_qd, qk_scale, HEAD_DIM,
+                                         BLOCK_M, True, DOT_PRECISION)  # fmt: skip
     keys = real_keys(key_mask_ptr + b * N, offs_n, N, HAS_KEY_MASK)
     col_sum = tl.where(keys, col_sum, 0.0)
     tl.store(part_ptr + bh * N + offs_n, col_sum, mask=offs_n < N)
-    flag_if_nonfinite(flags_ptr, b, col_sum)  # an overflow poisons the row
+    flag_each_nonfinite(flags_ptr, b, col_sum)  # an overflow poisons the row
 
 
 @triton.jit
@@ -200,6 +229,23 @@ def counted_rows(lse, attention_mask, query_mask, flags):
     return lse2, extent
 
 
+def _warp_specializable(q, k) -> bool:
+    """Whether this call may take the warp-specialised variant: asked for, fp16/bf16, Hopper or later (or the
+    interpreter, which checks its arithmetic), a Triton with device-side TMA descriptors, and rows TMA can
+    address (unit stride along the head dim, 16-byte aligned row, head and batch starts)."""
+    if not warp_specialize() or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not (triton_interpreted() or (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9)):
+        return False
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    size = q.element_size()
+    return all(
+        t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(t.stride(i) * size % 16 == 0 for i in range(3))
+        for t in (q, k)
+    )
+
+
 def influence_sum(q, k, lse, attention_mask, query_mask, scale):
     """Triton twin of ``reference.attention.influence_sum``: float32 ``(B, N)``, not normalised."""
     check_supported(q)
@@ -218,15 +264,17 @@ def influence_sum(q, k, lse, attention_mask, query_mask, scale):
     def grid(meta):
         return (cdiv(N, meta["BLOCK_N"]) * B * H,)
 
-    launch(
-        _influence_kernel, grid,
-        q, k, lse2, key_mask if key_mask is not None else part, part, flags, extent,
-        *q.stride(), *k.stride(),
-        H, H // Hkv, N, tuning_bucket(N), scale * LOG2E,
-        HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None,
-        HAS_EXTENT=attention_mask is not None or query_mask is not None,
-        DOT_PRECISION=dot_precision(q.dtype),
-        gpu_configs=_GPU_CONFIGS, sm80_fp32_config=_SM80_FP32_CONFIG, dtype=q.dtype, head_dim=d,
-        device=q.device,
-    )  # fmt: skip
+    specialized = _warp_specializable(q, k)
+    with descriptor_scratch(q.device) if specialized else nullcontext():
+        launch(
+            _influence_kernel, grid,
+            q, k, lse2, key_mask if key_mask is not None else part, part, flags, extent,
+            *q.stride(), *k.stride(),
+            H, H // Hkv, N, tuning_bucket(N), scale * LOG2E,
+            HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None,
+            HAS_EXTENT=attention_mask is not None or query_mask is not None,
+            DOT_PRECISION=dot_precision(q.dtype), WARP_SPECIALIZE=specialized,
+            gpu_configs=_WARP_SPECIALIZED_CONFIGS if specialized else _GPU_CONFIGS,
+            sm80_fp32_config=_SM80_FP32_CONFIG, dtype=q.dtype, head_dim=d, device=q.device,
+        )  # fmt: skip
     return finish_rows(part, flags)

@@ -37,6 +37,15 @@ def flag_if_nonfinite(flags_ptr, b, values):
 
 
 @triton.jit
+def flag_each_nonfinite(flags_ptr, b, values):
+    """``flag_if_nonfinite`` for a 1-D epilogue vector, with no reduction and no branch: every non-finite
+    element stores 1 into ``flags[b]`` (the same value from every writer, so the race is benign). Triton's warp
+    specialisation splits a tile between consumer warp groups and aborts on a reduction of it after the loop."""
+    bad = (values != values) | (tl.abs(values) == float("inf"))
+    tl.store(flags_ptr + b + tl.zeros_like(values).to(tl.int64), tl.full(values.shape, 1, tl.int32), mask=bad)
+
+
+@triton.jit
 def _scan_tile(flags_ptr, base, tile, b, Y, ROWS, Z, stride_b, stride_x, stride_y, stride_z,
                BLOCK_R: tl.constexpr, BLOCK_Z: tl.constexpr):
     """Flag row ``b`` if tile ``tile`` of the ``(ROWS = X * Y, Z)`` view of ``base[b]`` is non-finite."""
