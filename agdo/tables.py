@@ -135,6 +135,10 @@ class TableConfig:
     data_dir: Optional[str] = None
     limit: Optional[int] = None  # first N problems of each benchmark (a quick look; not the paper's numbers)
     seeds: Optional[list[int]] = None  # None: the table's (AGDO: 8 seeds; MDPO: greedy, 1)
+    # Block KV cache of every cell's decoding: none (exact, the papers' setting) | prefix | dual (Fast-dLLM's
+    # approximations; agdo.sampling).
+    cache: str = "none"
+    cache_lookahead: Optional[int] = None  # prefix cache: positions after the block recomputed (None: all)
     batch_size: int = 8
     output_dir: str = "runs/tables"
 
@@ -157,16 +161,25 @@ class TableConfig:
             raise ValueError(f"TableConfig: `batch_size` must be >= 1, got {self.batch_size}")
         if self.seeds is not None and not self.seeds:
             raise ValueError("TableConfig: `seeds` is empty")
+        table = TABLES[self.table]
+        for label, row in table.rows.items():  # decoding settings (cache, cache_lookahead) checked per cell
+            for column_label, column in table.columns.items():
+                try:
+                    _sampler(table, row, column, cache=self.cache, cache_lookahead=self.cache_lookahead)
+                except ValueError as error:
+                    raise ValueError(f"TableConfig (row {label!r}, column {column_label!r}): {error}") from None
 
 
-def _sampler(table: PaperTable, row: Row, column: dict):
+def _sampler(table: PaperTable, row: Row, column: dict, *, cache: str = "none",
+             cache_lookahead: Optional[int] = None):
     from .sampling import SamplerConfig
 
     decoding = table.decoding
     settings = {k: v for k, v in column.items() if k != "benchmark"}
     return SamplerConfig(**{"block_length": decoding.get("block_length"), **settings},
                          temperature=decoding["temperature"], alg=row.alg or decoding["alg"],
-                         candidate_threshold=decoding["candidate_threshold"])
+                         candidate_threshold=decoding["candidate_threshold"], cache=cache,
+                         cache_lookahead=cache_lookahead)
 
 
 def format_paper_table(table: PaperTable, ours: dict) -> str:
@@ -216,7 +229,7 @@ def run_table(config: TableConfig, *, adapters: Optional[dict] = None, accelerat
         for column_label, column in table.columns.items():
             if column["benchmark"] is None:
                 continue
-            sampler = _sampler(table, row, column)
+            sampler = _sampler(table, row, column, cache=config.cache, cache_lookahead=config.cache_lookahead)
             accuracies = [evaluate(adapters[row.model], data[column["benchmark"]], sampler, seed=seed,
                                    batch_size=config.batch_size, desc=f"{label}/{column_label}/seed{seed}",
                                    accelerator=accelerator)["accuracy"]

@@ -62,3 +62,34 @@ def test_two_processes_evaluate_exactly_like_one(tmp_path, monkeypatch):
     assert ((tmp_path / "ddp" / "results.jsonl").read_text().splitlines()
             == (tmp_path / "single" / "results.jsonl").read_text().splitlines())
     assert len((tmp_path / "single" / "results.jsonl").read_text().splitlines()) == 4
+
+
+# With the block KV cache: 2 blocks of 3 positions in 3 steps each, so 2 of every block's 3 steps attend to
+# the K/V kept from its first step. Static decoding: every row of a batch is on the same block at every step,
+# so which rows share a batch (it differs between 1 and 2 processes) changes nothing.
+CACHED_EVAL_OVERRIDES = ["gen_length=6", "steps=6", "block_length=3", "temperature=0.5", "algs=[max_prob, random]",
+                         "seeds=[0, 1]", "batch_size=3", "cache=prefix"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_two_processes_evaluate_with_the_prefix_cache_exactly_like_one(tmp_path):
+    """`evaluate`, the over-denoising filter (per-step records) and `run_eval` with ``cache=prefix``: 2 gloo
+    processes give exactly what 1 process gives, and the cache is really on (the results are not
+    ``cache=none``'s)."""
+    result = launch_two_processes("eval", tmp_path / "ddp", CACHED_EVAL_OVERRIDES)
+    if result.returncode != 0 and launch_unavailable(result):
+        pytest.skip(f"could not start 2 gloo processes here:\n{result.stderr[-2000:]}")
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    single = json.loads(json.dumps(evaluate_tiny(tmp_path / "single", CACHED_EVAL_OVERRIDES)))
+    for process in (0, 1):
+        assert json.loads((tmp_path / "ddp" / f"process{process}.json").read_text()) == single
+    assert ((tmp_path / "ddp" / "results.jsonl").read_text().splitlines()
+            == (tmp_path / "single" / "results.jsonl").read_text().splitlines())
+    scores = [s for evaluation in single["evaluations"].values() for s in evaluation["scores"]]
+    assert 0 < sum(scores) < len(scores)  # some right, some wrong: the equality is not 0 == 0
+    assert len(set(single["categories"])) > 1
+
+    uncached = evaluate_tiny(tmp_path / "uncached", [o for o in CACHED_EVAL_OVERRIDES if o != "cache=prefix"])
+    assert ([e["completions"] for e in uncached["evaluations"].values()]
+            != [e["completions"] for e in single["evaluations"].values()])

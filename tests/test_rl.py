@@ -322,6 +322,74 @@ def test_two_processes_equal_one_process(tmp_path, method):
     assert (tmp_path / "ddp" / "checkpoint-2" / "random_states_1.pkl").is_file()
 
 
+# ------------------------------------------------------------------------------- block KV cache
+
+
+def _cache_rollouts(tmp_path, method, cache, block_length):
+    """Rollouts of the first 4 prompts (epoch 0) with the 60-step model, 3 denoising steps."""
+    reset_accelerate()
+    config = RLConfig(output_dir=str(tmp_path), method=method, block_length=block_length, diffusion_steps=3,
+                      cache=cache, **BASE)
+    trainer = RLTrainer(config, *build_tiny_rl_run(pretrain_steps=60))
+    try:
+        return trainer._rollout([trainer.dataset[i] for i in range(4)], epoch=0)
+    finally:
+        trainer.rewards.close()
+
+
+@pytest.mark.parametrize("method", ["agdo", "tracerl", "mdpo"])
+def test_prefix_cache_rl_steps_exact_with_one_step_per_block_and_trained_with_several(tmp_path, method):
+    """RL steps whose rollouts use the block KV cache (``cache=prefix``), on the tiny run (2 steps).
+
+    One denoising step per block (``block_length=1``): every step is a block's first, the full forward where
+    the prefix cache is exact, so the rollouts (MDPO: also the per-step predictions, masks and probabilities),
+    the logged metrics and the trained weights equal ``cache=none``'s bit for bit.
+
+    One block of 3 tokens in 3 steps: the 2nd and 3rd steps attend to the prompt K/V kept from the 1st (an
+    approximation). The 1st step is still exact (MDPO's step-0 records equal the uncached ones bit for bit);
+    the trainer consumes the cached rollouts and records: finite loss, updates run, the weights move, and
+    differently from ``cache=none`` (the cached steps did run).
+    """
+    common = dict(adapter_and_prompts=None, method=method, diffusion_steps=3, beta=0.05, num_iterations=2)
+    initial = params(build_tiny_rl_run(pretrain_steps=60)[0])
+    weights, logs, rollouts = {}, {}, {}
+    for block_length in (1, 3):
+        for cache in ("none", "prefix"):
+            key = (block_length, cache)
+            run = tmp_path / f"block{block_length}_{cache}"
+            rollouts[key] = _cache_rollouts(run / "rollouts", method, cache, block_length)
+            common["adapter_and_prompts"] = build_tiny_rl_run(pretrain_steps=60)
+            weights[key] = params(_run(run, block_length=block_length, cache=cache, **common))
+            logs[key] = metrics(run)
+            assert json.loads((run / "config.json").read_text())["cache"] == cache
+
+    records = ("sequences", "trace", "predictions", "masked", "prediction_probs")
+    exact, uncached = rollouts[(1, "prefix")], rollouts[(1, "none")]
+    for name in records:
+        if method == "mdpo" or name in ("sequences", "trace"):
+            assert torch.equal(getattr(exact, name).nan_to_num(-1.0), getattr(uncached, name).nan_to_num(-1.0)), name
+    assert exact.completions == uncached.completions
+    assert_same_weights(weights[(1, "prefix")], weights[(1, "none")])
+    for a, b in zip(logs[(1, "prefix")], logs[(1, "none")], strict=True):
+        for key in ("reward_mean", "pass_rate_hist", "training_rows", "rollout_forward_passes", "loss", "kl"):
+            assert a.get(key) == b.get(key), f"step {a['step']}: {key}"
+
+    cached, uncached = rollouts[(3, "prefix")], rollouts[(3, "none")]
+    if method == "mdpo":
+        assert cached.predictions.shape[0] == 3  # one block, 3 steps: records of every step
+        for name in ("predictions", "masked", "prediction_probs"):
+            assert torch.equal(getattr(cached, name)[0].nan_to_num(-1.0), getattr(uncached, name)[0].nan_to_num(-1.0))
+        later = torch.isfinite(cached.prediction_probs[1:]) & torch.isfinite(uncached.prediction_probs[1:])
+        assert (cached.prediction_probs[1:] != uncached.prediction_probs[1:])[later].any()  # the kept K/V are stale
+    logged = logs[(3, "prefix")]
+    assert sum(m["updates"] for m in logged) > 0
+    for m in logged:
+        if m["updates"]:
+            assert math.isfinite(m["loss"]) and math.isfinite(m["kl"]) and m["training_rows"] > 0
+    assert any(not torch.equal(initial[k], weights[(3, "prefix")][k]) for k in initial)  # gradients flowed
+    assert any(not torch.equal(weights[(3, "none")][k], weights[(3, "prefix")][k]) for k in initial)
+
+
 # ------------------------------------------------------------------------------------ learning
 
 
@@ -376,6 +444,8 @@ RISE_SEED = dict.fromkeys(RL_METHODS, 1)
         (dict(filter_pass_rate=[0.2]), "filter_pass_rate"),
         (dict(train_file="a.jsonl", benchmarks=["gsm8k_train"]), "either `train_file` or `benchmarks`"),
         (dict(max_completion_length=6, block_length=4), "block_length must divide"),
+        (dict(cache="full"), "cache must be one of"),
+        (dict(cache_lookahead=2), "cache_lookahead must be None"),
         (dict(save_steps=0), "save_steps"),
         (dict(logging_steps=0), "logging_steps"),
         (dict(warmup_steps=-1), "warmup_steps"),

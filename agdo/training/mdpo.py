@@ -167,6 +167,9 @@ class OverdenoisingConfig:
     top_k: Optional[int] = None
     schedule: str = "linear"
     stop_at_eos: bool = False
+    # Block KV cache of the decoding: none (exact) | prefix | dual (Fast-dLLM's approximations; agdo.sampling).
+    cache: str = "none"
+    cache_lookahead: Optional[int] = None  # prefix cache: positions after the block recomputed (None: all)
     batch_size: int = 8
     seed: int = 0
     reward_workers: int = 2
@@ -194,7 +197,8 @@ class OverdenoisingConfig:
         try:
             return SamplerConfig(gen_length=self.gen_length, steps=self.steps, block_length=self.block_length,
                                  alg=self.alg, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                 schedule=self.schedule, stop_at_eos=self.stop_at_eos, return_predictions=True)
+                                 schedule=self.schedule, stop_at_eos=self.stop_at_eos, cache=self.cache,
+                                 cache_lookahead=self.cache_lookahead, return_predictions=True)
         except ValueError as error:
             raise ValueError(f"OverdenoisingConfig: {error}") from None
 
