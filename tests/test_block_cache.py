@@ -6,12 +6,19 @@ the SAME state as its block's first step must reproduce it to rounding (float64:
 2e-5), for every family
 (test_models.py's tiny generic Qwen2 GQA 7:1 shifted and Llama MHA unshifted, the Dream fixture, and the
 LLaDA fixture, whose blocks take ``layer_past`` as the published file's do), with and
-without left padding, for logits and S. In decoding the cache is an approximation after each block's
-first step, so there decoding must complete, fill every position and keep the uncached records' shapes;
-with one step per block (every step a block's first) it must decode exactly as uncached.
+without left padding, for logits and S. In decoding the cache is an approximation after each full forward
+(a new fed window), so there decoding must complete, fill every position and keep the uncached records'
+shapes; with one step per block (every step a block's first) it must decode exactly as uncached; in a
+multi-step static decode every block's first step must be the uncached forward of its state. Early stop:
+a row settled by it (its logits scripted toward the pad token) leaves the window with a full forward, its
+records are NaN where it settled, and static decoding stays exact / row-independent. Dynamic decoding can
+start a row's block on a cached step (the documented caveat).
 """
 
 import sys
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 
 import pytest
@@ -255,6 +262,259 @@ def test_cache_none_never_builds_a_cache(adapters, monkeypatch):
     monkeypatch.setattr(adapter, "block_cache", no_cache)
     result = decode(adapter, "none")
     assert not (result.response == adapter.mask_token_id).any()
+
+
+# ------------------------------------------------------------------------------------------ block starts, early stop
+
+
+class Call:
+    """One ``BlockCache.forward`` call of a decode (one sampler step): the state, the fresh window, whether it
+    ran a full forward, what it returned (cloned: a cache updates its full-length values in place) and, as
+    ``reference``, the uncached ``adapter.forward`` of the same state (S over its unmasked real tokens)."""
+
+    def __init__(self, adapter, real, script, step, x, fresh, prefill, out):
+        self.adapter, self.real, self.script = adapter, real, script
+        self.step, self.x, self.fresh, self.prefill = step, x, fresh, prefill
+        self.logits, self.s = out.logits.clone(), None if out.s is None else out.s.clone()
+
+    @property
+    def fresh_logits(self):
+        """The logits of the fresh window (the sampler asks for them alone unless a record needs all)."""
+        first, end = self.fresh
+        return self.logits if self.logits.shape[1] == end - first else self.logits[:, first:end]
+
+    @cached_property
+    def reference(self):
+        with self.script.at(self.step) if self.script is not None else nullcontext():
+            return self.adapter.forward(self.x, self.real, unmasked=self.real & (self.x != self.adapter.mask_token_id))
+
+
+def spied_block_caches(monkeypatch, adapter, real, script=None):
+    """The :class:`Call` list of the block caches ``generate`` builds (``real``: the batch's real tokens;
+    ``script``: the :class:`ScriptedLogits` of the decode, for the references)."""
+    calls = []
+    make = adapter.block_cache
+
+    def spied_block_cache(mode, attention_mask=None, lookahead=None):
+        cache = make(mode, attention_mask, lookahead)
+        forward, prefill, prefilled = cache.forward, cache.runner.prefill, []
+
+        def recording_prefill(*args, **kwargs):
+            prefilled.append(True)
+            return prefill(*args, **kwargs)
+
+        def recording_forward(x, fresh, **kwargs):
+            prefilled.clear()
+            out = forward(x, fresh, **kwargs)
+            calls.append(Call(adapter, real, script, len(calls), x.clone(), fresh, bool(prefilled), out))
+            return out
+
+        cache.runner.prefill = recording_prefill
+        cache.forward = recording_forward
+        return cache
+
+    monkeypatch.setattr(adapter, "block_cache", spied_block_cache)
+    return calls
+
+
+class ScriptedLogits:
+    """Overrides rows of the model's logits by sampler step (one model forward per step, cached or not), as a
+    forward hook on ``adapter.model``: ``rules(step) -> {row: (how, token, value)}``; ``how`` = ``"set"`` (the
+    row's logits become ``value`` at ``token``, 0 elsewhere: ``p(token) = e^value / (e^value + V - 1)`` at every
+    position, exactly) or ``"add"`` (``value`` added to the model's logit of ``token``)."""
+
+    def __init__(self, adapter, rules):
+        self.model, self.rules, self.step, self.hold, self.handles = adapter.model, rules, -1, False, None
+
+    def __enter__(self):
+        def count(module, args, kwargs):
+            self.step += not self.hold
+
+        def override(module, args, kwargs, output):
+            for row, (how, token, value) in self.rules(self.step).items():
+                logits = output.logits[row]
+                if how == "set":
+                    logits.zero_()
+                    logits[..., token] = value
+                else:
+                    logits[..., token] += value
+
+        self.handles = [self.model.register_forward_pre_hook(count, with_kwargs=True),
+                        self.model.register_forward_hook(override, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = None
+
+    @contextmanager
+    def at(self, step: int):
+        """A forward outside the decode (a reference) under step ``step``'s rules, not counted as a step."""
+        self.hold, kept, self.step = True, self.step, step
+        try:
+            with self if self.handles is None else nullcontext():
+                yield
+        finally:
+            self.hold, self.step = False, kept
+
+
+def batch_real():
+    _, mask = prompts()
+    return torch.cat([mask, torch.ones(2, R, dtype=torch.bool)], dim=1)
+
+
+def block_window(block: int) -> tuple:
+    return P + block * L, P + (block + 1) * L
+
+
+def active_blocks(x, mask_id):
+    """Each row's active block (None: finished)."""
+    masked = x[:, P:] == mask_id
+    return [int(row.int().argmax()) // L if row.any() else None for row in masked]
+
+
+@pytest.mark.parametrize("case,mode", CACHED)
+def test_every_block_start_of_a_multi_step_decode_agrees_with_the_uncached_forward(adapters, case, mode, monkeypatch):
+    """4 steps per block, Max-S: every block's first step is a full forward whose logits of the block and
+    whose S (every position) are the uncached forward's of the same state; the other steps are cached."""
+    adapter = adapters[case]
+    steps_per_block = 4
+    calls = spied_block_caches(monkeypatch, adapter, batch_real())
+    ids, mask = prompts()
+    config = SamplerConfig(gen_length=R, steps=steps_per_block * R // L, block_length=L, alg="max_s",
+                           candidate_threshold=0.0, **cache_settings(mode))
+    result = generate(adapter, ids, mask, config)
+    assert not (result.response == adapter.mask_token_id).any() and len(calls) == result.num_steps == R
+    assert [call.prefill for call in calls] == [call.step % steps_per_block == 0 for call in calls]
+    for call in calls[::steps_per_block]:
+        first, end = call.fresh
+        assert (first, end) == block_window(call.step // steps_per_block)
+        close(call.fresh_logits, call.reference.logits[:, first:end], adapter.model.dtype)
+        close(call.s, call.reference.s, adapter.model.dtype)
+
+
+def pad_row_0(adapter):
+    """Row 0 writes the pad token at every position, ``p = 1`` to rounding."""
+    return lambda step: {0: ("set", adapter.pad_token_id, 50.0)}
+
+
+@pytest.mark.parametrize("case,mode", CACHED)
+def test_a_row_stopped_early_with_one_step_per_block_decodes_exactly_as_uncached(adapters, case, mode, monkeypatch):
+    """Row 0 writes a block of pads at step 0 and settles; row 1 decodes on, every step a full forward that
+    leaves row 0 out of the window. Records are NaN at the settled positions; all equals the uncached decode."""
+    adapter = adapters[case]
+    with ScriptedLogits(adapter, pad_row_0(adapter)):
+        uncached = decode(adapter, "none", steps=R // L, alg="max_s", stop_at_eos=True)
+    with ScriptedLogits(adapter, pad_row_0(adapter)) as script:
+        calls = spied_block_caches(monkeypatch, adapter, batch_real(), script)
+        cached = decode(adapter, mode, steps=R // L, alg="max_s", stop_at_eos=True)
+    after = torch.arange(R) >= L
+    assert torch.equal(cached.settled, torch.stack([after, torch.zeros(R, dtype=torch.bool)]))
+    assert (cached.response[0] == adapter.pad_token_id).all() and torch.equal(cached.trace[0], torch.zeros(R).long())
+    assert cached.num_steps == R // L and all(call.prefill for call in calls)
+    assert [call.fresh for call in calls] == [block_window(block) for block in range(R // L)]
+    for name in ("s", "token_probs"):  # the settling step: finite in row 0's block, NaN where it settled
+        record = getattr(cached, name)
+        assert torch.isfinite(record[0, 0, :L]).all() and torch.isnan(record[0, 0, L:]).all()
+    for name in ("confidences", "prediction_probs", "s", "token_probs"):
+        assert torch.isnan(getattr(cached, name)[1:, 0]).all()  # row 0 finished
+    assert torch.equal(cached.sequences, uncached.sequences) and torch.equal(cached.trace, uncached.trace)
+    assert torch.equal(cached.settled, uncached.settled)
+    for name in RECORDS:
+        close(getattr(cached, name), getattr(uncached, name), adapter.model.dtype)
+
+
+@pytest.mark.parametrize("case,mode", [("qwen2_gqa_shifted", "prefix"), ("qwen2_gqa_shifted", "dual"),
+                                       ("dream", "prefix+3"), ("llada", "prefix")])
+def test_a_row_stopping_early_leaves_the_window_with_a_full_forward(adapters, case, mode, monkeypatch):
+    """Dynamic decoding: row 0 (pads, p = 0.61 < threshold: one per step) stays on block 0 for 4 steps while
+    row 1 (block 0 at once, then the model's own pace) decodes ahead, on cached steps; row 0 completes its block
+    of pads at step 3 and settles. Step 4 is a full forward on row 1's block alone, the uncached forward's."""
+    adapter = adapters[case]
+    pad = adapter.pad_token_id
+
+    def rules(step):
+        return {0: ("set", pad, 5.0), **({1: ("add", 7, 50.0)} if step == 0 else {})}
+
+    ids, mask = prompts()
+    config = SamplerConfig(gen_length=R, steps=R, block_length=L, **cache_settings(mode), threshold=0.9,
+                           stop_at_eos=True, return_s=True, return_token_probs=True, return_confidences=True)
+    with ScriptedLogits(adapter, rules) as script:
+        calls = spied_block_caches(monkeypatch, adapter, batch_real(), script)
+        cached = generate(adapter, ids, mask, config)
+    with ScriptedLogits(adapter, rules):
+        uncached = generate(adapter, ids, mask, replace(config, cache="none", cache_lookahead=None))
+    after = torch.arange(R) >= L
+    assert torch.equal(cached.settled[0], after) and not cached.settled[1].any()
+    assert (cached.response[0] == pad).all() and (cached.response[1, :L] == 7).all()
+    assert sorted(cached.trace[0, :L].tolist()) == [0, 1, 2, 3] and (cached.trace[0, L:] == 3).all()
+    for name in ("response", "settled"):  # row 0 is scripted: the same uncached
+        assert torch.equal(getattr(cached, name)[0], getattr(uncached, name)[0])
+    assert torch.equal(cached.trace[0], uncached.trace[0])
+
+    assert [active_blocks(call.x, adapter.mask_token_id)[0] for call in calls[:5]] == [0, 0, 0, 0, None]
+    assert not all(call.prefill for call in calls[1:4]), "no cached step while row 0 decoded: the test lost its point"
+    leaving = calls[4]  # the first step without row 0
+    assert leaving.prefill
+    assert leaving.fresh == block_window(active_blocks(leaving.x, adapter.mask_token_id)[1])
+    first, end = leaving.fresh
+    close(leaving.fresh_logits, leaving.reference.logits[:, first:end], adapter.model.dtype)
+    close(leaving.s, leaving.reference.s, adapter.model.dtype)
+    for name in ("s", "token_probs"):  # the settling step: finite in row 0's block, NaN where it settled
+        record = getattr(cached, name)
+        assert torch.isfinite(record[3, 0, :L]).all() and torch.isnan(record[3, 0, L:]).all()
+    for name in ("confidences", "s", "token_probs"):
+        assert torch.isnan(getattr(cached, name)[4:, 0]).all()
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_static_early_stop_with_a_cache_leaves_the_other_rows_as_decoded_alone(adapters, mode):
+    """Static schedules move every row through its blocks in step: a row stopping early changes no other row's
+    window, so row 1 decodes (4 steps per block, cached) exactly as it does alone."""
+    adapter = adapters["qwen2_gqa_shifted"]
+    steps = 4 * R // L
+    with ScriptedLogits(adapter, pad_row_0(adapter)):
+        batch = decode(adapter, mode, steps=steps, alg="max_s", stop_at_eos=True)
+    assert torch.equal(batch.settled[0], torch.arange(R) >= L) and not batch.settled[1].any()
+    ids, mask = prompts()
+    config = SamplerConfig(gen_length=R, steps=steps, block_length=L, alg="max_s", stop_at_eos=True,
+                           **cache_settings(mode), return_confidences=True, return_predictions=True, return_s=True,
+                           return_token_probs=True)
+    alone = generate(adapter, ids[1:], mask[1:], config)
+    assert torch.equal(batch.sequences[1:], alone.sequences) and torch.equal(batch.trace[1:], alone.trace)
+    for name in RECORDS:
+        close(getattr(batch, name)[:, 1:], getattr(alone, name), adapter.model.dtype)
+
+
+@pytest.mark.parametrize("case", ["qwen2_gqa_shifted", "llada"])
+def test_dynamic_decoding_can_start_a_rows_block_on_a_cached_step(adapters, case, monkeypatch):
+    """The caveat of the docstrings: with a prefix cache, rows moving at their own pace (threshold) and the
+    window held by the slowest, a row ahead enters its next blocks on cached steps, with the K/V kept at the
+    window's full forward — not the uncached logits — and those then depend on its batch-mates."""
+    adapter = adapters[case]
+    row_1 = ("add", 7, 50.0)  # a block per step
+
+    def rules(step):
+        return {0: ("set", 5, 5.0), 1: row_1}  # row 0: one token per step (p = 0.61 < 0.9)
+
+    ids, mask = prompts()
+    config = SamplerConfig(gen_length=R, steps=R, block_length=L, threshold=0.9, cache="prefix", return_s=True)
+    with ScriptedLogits(adapter, rules) as script:
+        calls = spied_block_caches(monkeypatch, adapter, batch_real(), script)
+        together = generate(adapter, ids, mask, config)
+    assert [active_blocks(call.x, adapter.mask_token_id)[1] for call in calls[:4]] == [0, 1, 2, 3]
+    assert [call.prefill for call in calls[:4]] == [True, False, False, False]
+    assert all(call.fresh[0] == P for call in calls[:4])  # row 0 holds the window on block 0
+    close(calls[0].fresh_logits, calls[0].reference.logits[:, slice(*block_window(0))], adapter.model.dtype)
+    for call in calls[1:4]:
+        block = slice(*(bound - P for bound in block_window(call.step)))
+        cached, uncached = call.fresh_logits[1, block], call.reference.logits[1, P:][block]
+        assert not torch.allclose(cached, uncached, **TOLERANCE[adapter.model.dtype])
+    with ScriptedLogits(adapter, lambda step: {0: row_1}):
+        alone = generate(adapter, ids[1:], mask[1:], config)
+    assert torch.equal(together.sequences[1], alone.sequences[0])  # the same tokens (scripted) ...
+    assert not torch.allclose(together.s[1:4, 1], alone.s[1:4, 0], equal_nan=True)  # ... read otherwise
 
 
 @pytest.mark.gpu

@@ -4,10 +4,10 @@ A semi-AR sampler works on one block at a time and, uncached, runs the whole seq
 at every step. With a :class:`BlockCache` (``adapter.block_cache(mode, attention_mask)``; the sampler's
 ``SamplerConfig.cache``):
 
-- the first step of a block (and every step whose block window differs from the last one) is a full
-  forward over the sequence — the uncached forward (generic models get an explicit all-real key mask
-  where uncached they get none: equal to rounding) — that also keeps every layer's K/V of the positions
-  OUTSIDE the fed window;
+- every step whose fed window differs from the last one (a block's first step where the rows move through
+  their blocks in step; not always otherwise, see below) is a full forward over the sequence — the
+  uncached forward (generic models get an explicit all-real key mask where uncached they get none: equal
+  to rounding) — that also keeps every layer's K/V of the positions OUTSIDE the fed window;
 - the other steps of the block run the model on the fed window only, attending to those kept K/V and to
   the window's fresh ones:
 
@@ -22,12 +22,16 @@ at every step. With a :class:`BlockCache` (``adapter.block_cache(mode, attention
   Shifted models (Dream) predict token ``i`` from row ``i - 1``: the fed window starts one position before
   the block, so the block's first token has its own predictor row.
 
-Approximation (as in Fast-dLLM): a kept K/V is the one computed at the block's first step. With
-bidirectional attention every position's K/V in layers >= 1 depends on the whole sequence, so once the
-block's first step has committed tokens the kept K/V are stale: ``prefix`` is exact at the first step of
-each block (the full forward) and approximate after it; ``dual`` also keeps the masked suffix's stale K/V
-(whose logits are not recomputed either). Fed again in the SAME state, a cached forward reproduces the
-uncached logits to rounding (``tests/test_block_cache.py``).
+Approximation (as in Fast-dLLM): a kept K/V is the one computed at the last full forward, i.e. when the
+fed window last changed. With bidirectional attention every position's K/V in layers >= 1 depends on the
+whole sequence, so once tokens have been committed since, the kept K/V are stale: the full forwards are
+exact, the cached steps approximate; ``dual`` also keeps the masked suffix's stale K/V (whose logits are not
+recomputed either). "Exact at each block's first step" holds where a block's first step opens a new window:
+a sampler moving all its rows through their blocks in step (the sampler's static schedules). Where rows move
+at their own pace (its dynamic unmasking or ``origin``) the window is the batch's and a row can enter a new
+block inside an unchanged window (``prefix``: while a slower row holds the lowest block); that block's first
+step is then a cached one, against stale kept K/V. Fed again in the SAME state, a cached forward reproduces
+the uncached logits to rounding (``tests/test_block_cache.py``).
 
 Key layout. Attention over keys does not depend on their order once RoPE has placed them, so the cache
 holds the kept positions in order and the fed window is appended AFTER them with its true position ids:
@@ -39,8 +43,8 @@ forward (counted over real tokens).
 
 Outputs are full-length and token-aligned like ``DiffusionLMAdapter.forward``: a cached step overwrites
 the logits (and ``S``) of the block and what follows it in the fed window; every other position keeps the
-value of the last forward that computed it (the block's first step). With ``logits_fresh_only`` (what the
-sampler asks unless a record needs every position) the logits are those of the fresh positions alone,
+value of the last forward that computed it (the window's full forward). With ``logits_fresh_only`` (what
+the sampler asks unless a record needs every position) the logits are those of the fresh positions alone,
 the LM head run on their rows only, full forwards included.
 
 Per family, through the model's own cache:

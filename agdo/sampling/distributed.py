@@ -5,6 +5,13 @@ Shares are contiguous and differ in size by at most one record; they are gathere
 :func:`accelerate.utils.gather_object`, which concatenates the per-process lists in process order, so
 uneven shares need no padding (nothing lost, nothing duplicated). Without an accelerator everything is
 decoded here, in the same batches as a plain loop over ``range(0, len(records), batch_size)``.
+
+Outputs do not depend on the number of processes as long as a record's output does not depend on its
+batch. One case where it does: ``generate`` with a block KV cache (``SamplerConfig.cache`` ``"prefix"`` /
+``"dual"``) under dynamic unmasking (``threshold``) or ``alg="origin"``, where the batch's fed window
+decides when a row's kept K/V are refreshed (:mod:`agdo.sampling.sampler`) — there generation under several
+processes (other batches) can differ from generation in one. Static schedules, early stop included, and
+``cache="none"`` keep rows independent (with one generator per row).
 """
 
 from __future__ import annotations

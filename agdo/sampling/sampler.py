@@ -55,7 +55,8 @@ block*, the first block that still has a masked position. Every step is one forw
    so it matters only with several blocks; an EOS inside a block stops nothing. Those *settled*
    positions are in ``GenerationResult.settled``, get the settling step in the trace, and are NaN in the
    ``s`` and ``token_probs`` records. (TraceRL tests the whole batch at once and only ``pad_token_id``;
-   we test each row alone — rows stay independent — and count EOS as an end token too.)
+   we test each row alone — the rule keeps rows independent (with a cache, see below) — and count EOS as an
+   end token too.)
 4. The loop stops as soon as every row is finished.
 
 Logits: a step reads those of the active blocks only, so with an adapter whose ``forward`` takes
@@ -65,23 +66,34 @@ row); the whole response's when a record (``predictions``, ``prediction_probs``,
 every position. The values are the full forward's to the rounding of that matmul over fewer rows.
 
 Block KV cache (``SamplerConfig.cache``, Fast-dLLM's caches; :mod:`agdo.models._block_cache`). ``"none"``
-(default): every step is a forward over the whole sequence, as above. ``"prefix"`` / ``"dual"``: the first
-step of a block is that full forward and also keeps every layer's K/V; the block's later steps run the
-model on the block and everything after it (``prefix``), the block and the next ``cache_lookahead``
-positions (``prefix`` with a lookahead window) or the block alone (``dual``), attending to the K/V kept for
-the other positions (``prefix``: the prompt and finished blocks; with a window or ``dual``: also the masked
-positions after what is fed). The block is the batch's: the fed window spans the active blocks of the unfinished rows,
-so rows on different blocks (dynamic unmasking, early stop) all get fresh logits, and a new window — the
-lowest active block finished by every row on it, a row moving past the highest (``dual``), a row finishing
-— starts with a full forward. The selection rules above are unchanged. It is an APPROXIMATION: after a
-block's first step the kept K/V are those of that step (with bidirectional attention they depend on the
-block being decoded), so ``prefix`` is exact at the first step of each block only, and ``dual`` also keeps
-the masked blocks' K/V. Records: positions outside the fed window keep the logits (and ``s``) of the last
-forward that computed them — the block's first step — so ``predictions``, ``prediction_probs``,
-``token_probs`` and ``s`` there are those of that step; ``s`` of the fed tokens is over every key (kept and
-fresh). Since the window is the batch's, with a cache a row's result can depend on its batch-mates where
-rows leave their blocks at different steps (dynamic unmasking, early stop): they decide when its kept K/V
-are refreshed.
+(default): every step is a forward over the whole sequence, as above. ``"prefix"`` / ``"dual"``: a step whose
+fed window is new (below; with a static schedule, each block's first step) is that full forward and also keeps
+every layer's K/V; the steps after it run the model on the block and everything after it (``prefix``), the
+block and the next ``cache_lookahead`` positions (``prefix`` with a lookahead window) or the block alone
+(``dual``), attending to the K/V kept for the other positions (``prefix``: the prompt and finished blocks;
+with a window or ``dual``: also the masked positions after what is fed). LLaDA: ``prefix`` without a lookahead
+only (``dual`` and a window are refused: its blocks place the fed tokens at the end of the positions). The
+block is the batch's: the fed window spans the active blocks of the unfinished rows, so rows on different
+blocks (dynamic unmasking, ``origin``) all get fresh logits, and a step whose window differs from the last
+step's — every row on the lowest active block leaving it (for its next block, or done, the early stop
+included), a row moving past the highest (``dual``, a lookahead window) — is a full forward. The selection
+rules above are unchanged. It is an APPROXIMATION, exact on the full forwards only: the kept K/V are those of
+the window's full forward (with bidirectional attention, the tokens committed since would change them), and
+``dual`` also keeps the masked blocks' K/V. With a static schedule (``threshold=None``, not ``origin``) every
+unfinished row enters its next block at the same step — an early stop ends a row only when its block ends,
+with the others' — so the window changes there and each block's first step is a full forward, exact. Where
+rows move at their own pace (dynamic unmasking; ``origin``, whose random commits can complete a row's block
+early), a row can enter a new block while the window stays the same — with ``prefix`` whenever a slower row
+holds the lowest block, with ``dual`` (or a lookahead window) when its new block is not past the highest
+(three rows or more) — and that block's first step is a CACHED step against K/V kept since the window's full
+forward: there not even a block's first step is exact. Records: positions outside the fed window keep the
+logits (and ``s``) of the last forward that computed them — the window's full forward — so ``predictions``,
+``prediction_probs``, ``token_probs`` and ``s`` there are those of that step; ``s`` of the fed tokens is over
+every key (kept and fresh); settled positions are NaN as uncached. Since the window is the batch's, with a
+cache and rows moving at their own pace (dynamic unmasking, ``origin``) a row's result can depend on its
+batch-mates: they decide when its kept K/V are refreshed, so a batch split otherwise — e.g. over several
+processes (:mod:`agdo.sampling.distributed`) — can decode differently. With a static schedule, early stop
+included, rows stay independent (to rounding).
 
 The trace holds, per response position, the step whose update gave the position its final token
 (for RCR: the last time it was filled; for settled positions: the step they were filled); ``-1`` = never
@@ -164,7 +176,8 @@ class SamplerConfig:
         stop_at_eos: TraceRL's early stop (module docstring, step 3). Default False: the reference
             samplers decode every position.
         cache: block KV cache, one of ``CACHE_MODES`` (module docstring): ``"none"`` (exact, default),
-            ``"prefix"`` or ``"dual"`` (Fast-dLLM's; approximations after each block's first step).
+            ``"prefix"`` or ``"dual"`` (Fast-dLLM's; exact on full forwards only: each block's first step
+            with a static schedule, not always with ``threshold`` or ``origin``). ``"dual"`` not for LLaDA.
         cache_lookahead: with ``cache="prefix"``, how many masked positions after the block are recomputed
             with it at every step (the rest keep the K/V of the block's first step, as ``dual`` keeps them);
             None (default) = all of them, Fast-dLLM's prefix cache; 0 = ``dual``. Not for LLaDA.
