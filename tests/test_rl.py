@@ -337,7 +337,7 @@ def _cache_rollouts(tmp_path, method, cache, block_length):
         trainer.rewards.close()
 
 
-@pytest.mark.parametrize("method", ["agdo", "tracerl", "mdpo"])
+@pytest.mark.parametrize("method", ["agdo", "mdpo"])  # TraceRL's rollouts are AGDO-RL's (same sampler call)
 def test_prefix_cache_rl_steps_exact_with_one_step_per_block_and_trained_with_several(tmp_path, method):
     """RL steps whose rollouts use the block KV cache (``cache=prefix``), on the tiny run (2 steps).
 
