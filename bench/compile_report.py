@@ -250,6 +250,8 @@ def _launch_arguments(case: Case):
                                ("counted_rows", _counted_rows)):
         if hasattr(module, name):
             before.enter_context(mock.patch.object(module, name, stand_in_for))
+    if hasattr(module, "cuda_arch"):  # launchers that pick a kernel variant by the device's architecture
+        before.enter_context(mock.patch.object(module, "cuda_arch", lambda device: case.arch))
     if case.warp_specialize:  # as on an H100 with agdo_kernels.set_warp_specialize(True)
         before.enter_context(mock.patch.object(module, "_warp_specializable", lambda q, k: True))
     try:

@@ -243,6 +243,25 @@ def test_response_block_matches_naive(case, dtype):
     torch.testing.assert_close(abar.double(), expected, atol=STAT_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("arch", [80, 90], ids=["sm80-key-tile-per-group", "sm90-next-key-tile-prefetched"])
+def test_response_block_walks_every_key_head_group(arch, monkeypatch):
+    """Three key heads of two query heads each, so the GQA loop moves on to new key tiles: on sm_90 the next
+    group's tile is loaded during this group's heads, before sm_90 at the top of each group; both variants run
+    here (the launcher picks by the device's architecture)."""
+    from agdo_kernels.triton import response_attention
+
+    monkeypatch.setattr(response_attention, "cuda_arch", lambda device: arch)
+    shape, start = (2, 6, 3, 37, 16), 5
+    q, k, _ = make_inputs(shape, torch.float32, seed=11)
+    mask = make_padding(2, 37, "mixed", seed=11)
+    probs, lse = naive_probs(q, k, mask, 0.25)
+
+    abar = response_block(q, k, lse.float(), start, mask, True, 0.25)
+
+    expected = probs.mean(1)[:, torch.arange(start, 37, device=DEVICE) - 1, start:]
+    torch.testing.assert_close(abar.double(), expected, atol=STAT_ATOL, rtol=0)
+
+
 def test_empty_sequences_give_zeros():
     q, k, v = make_inputs((2, 4, 2, 0, 16), torch.float32)
     no_tokens = torch.zeros(2, 0, dtype=torch.bool, device=DEVICE)

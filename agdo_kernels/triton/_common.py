@@ -7,6 +7,7 @@ and every program index is widened to int64 before it multiplies a stride (B*H*N
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager, nullcontext
 
@@ -100,11 +101,17 @@ def descriptor_scratch(device: torch.device):
         _allocation._allocator.reset(token)
 
 
-def _arch(device: torch.device) -> int:
+def cuda_arch(device: torch.device) -> int:
     """``90`` for an H100, ``80`` for an A100; 90 off CUDA (the launch is not compiled for a GPU there)."""
     if device.type != "cuda":
         return 90
-    major, minor = torch.cuda.get_device_capability(device)
+    return _compute_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _compute_capability(index: int) -> int:
+    # Cached: launchers ask on every call, and torch's query costs microseconds of host time.
+    major, minor = torch.cuda.get_device_capability(index)
     return 10 * major + minor
 
 
@@ -117,7 +124,7 @@ def launch(kernel, grid, *args, gpu_configs, dtype: torch.dtype, head_dim: int, 
     """
     with device_guard(device):
         if deterministic() or dtype == torch.float32 or head_dim > 128 or triton_interpreted():
-            arch = _arch(device) if dtype == torch.float32 else 90  # only fp32's tile depends on it
+            arch = cuda_arch(device) if dtype == torch.float32 else 90  # only fp32's tile depends on it
             m, n, w, s = pinned_config(gpu_configs, dtype, head_dim, arch, sm80_fp32_config)
             kernel.fn[grid](*args, **constexprs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s,
                             enable_fp_fusion=FP_FUSION)

@@ -4,7 +4,8 @@ the response keys, recomputed tile by tile from the rows' ``lse``.
 One program per (block of ``BLOCK_M`` response rows, block of ``BLOCK_N`` response keys, batch) sums
 ``p = exp2(q.k * qk_scale - lse2)`` over all ``H`` heads in an fp32 register tile, loading each KV
 head's key tile once for the ``g`` query heads of its group (the loop over those heads is software
-pipelined; without GQA, one pipelined loop over the heads prefetches query and key tiles alike), and
+pipelined, and on sm_90+ the next group's key tile loads while this group's heads compute; without GQA,
+one pipelined loop over the heads prefetches query and key tiles alike), and
 writes its tile of the output once: memory ``O(B * R^2)``, deterministic. Row ``i`` reads query row
 ``P + i - shift`` (its predictor).
 """
@@ -20,6 +21,7 @@ from ._common import (
     as_bytes,
     cdiv,
     check_supported,
+    cuda_arch,
     dot_precision,
     launch,
     load_tile,
@@ -80,6 +82,7 @@ def _response_block_kernel(
     first_row,
     qk_scale,
     ONE_HEAD_PER_KV: tl.constexpr,  # GROUP == 1: the single pipelined loop over heads
+    PREFETCH_NEXT_KV: tl.constexpr,  # GQA on sm_90+: the next group's key tile loaded during this group's heads
     HEAD_DIM: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -104,9 +107,20 @@ def _response_block_kernel(
             total = _add_head(total, q_rows, lse2_rows, k, h, offs_i, offs_d, R, N, stride_qh, stride_qn, stride_qd,
                               qk_scale, DOT_PRECISION)  # fmt: skip
     else:
-        # GQA: each key tile loaded once for the GROUP query heads of its group (their loop is pipelined).
-        for kv in range(0, H // GROUP):
-            k = load_tile(k_rows + kv * stride_kh, offs_j, R, stride_kn, offs_d, stride_kd, True)
+        # GQA: each key tile loaded once for the GROUP query heads of its group (their loop is pipelined). On
+        # Hopper the next group's tile is requested before that loop, so its load overlaps this group's heads
+        # (the last group re-requests its own tile: an L2 hit, no branch); before sm_90 the extra registers
+        # cost more than the wait (bench/compile_report.py).
+        kv_heads = H // GROUP
+        if PREFETCH_NEXT_KV:
+            k_next = load_tile(k_rows, offs_j, R, stride_kn, offs_d, stride_kd, True)
+        for kv in range(0, kv_heads):
+            if PREFETCH_NEXT_KV:
+                k = k_next
+                k_next = load_tile(k_rows + tl.minimum(kv + 1, kv_heads - 1) * stride_kh, offs_j, R, stride_kn,
+                                   offs_d, stride_kd, True)  # fmt: skip
+            else:
+                k = load_tile(k_rows + kv * stride_kh, offs_j, R, stride_kn, offs_d, stride_kd, True)
             for h in range(kv * GROUP, (kv + 1) * GROUP):
                 total = _add_head(total, q_rows, lse2_rows, k, h, offs_i, offs_d, R, N, stride_qh, stride_qn,
                                   stride_qd, qk_scale, DOT_PRECISION)  # fmt: skip
@@ -140,8 +154,8 @@ def response_block(q, k, lse, response_start, attention_mask, shift, scale):
         q, k, lse_log2(lse), key_mask if key_mask is not None else columns, columns, *abar.stride(),
         *q.stride(), *k.stride(),
         H, H // Hkv, N, R, tuning_bucket(R), response_start, response_start - int(shift), scale * LOG2E,
-        ONE_HEAD_PER_KV=H == Hkv, HEAD_DIM=d, HAS_KEY_MASK=key_mask is not None,
-        DOT_PRECISION=dot_precision(q.dtype),
+        ONE_HEAD_PER_KV=H == Hkv, PREFETCH_NEXT_KV=cuda_arch(q.device) >= 90, HEAD_DIM=d,
+        HAS_KEY_MASK=key_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
         gpu_configs=_GPU_CONFIGS, dtype=q.dtype, head_dim=d, device=q.device,
     )  # fmt: skip
     return abar
