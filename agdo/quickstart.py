@@ -31,6 +31,7 @@ import math
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 from . import tasks
 from .analysis import analyze_decoding, plot_s_distribution
@@ -78,9 +79,12 @@ class QuickstartConfig:
     rl_num_generations: int = 8
     rl_learning_rate: float = 1e-4
     rl_decoding_alg: str = "max_prob"
-    # Every model is evaluated with each of these block KV caches (SamplerConfig.cache; one block here, so a
-    # cache keeps the prompt's K/V from the first step): "none" is exact, the others add table columns.
+    # Every model is evaluated with each of these block KV caches (SamplerConfig.cache): "none" is exact, the
+    # others add table columns. With the default single block a cache only keeps the prompt's K/V from the
+    # first step; `eval_block_length` (must divide the answer + EOS length) decodes semi-AR in blocks, so the
+    # caches also keep finished blocks.
     eval_caches: list = dataclasses.field(default_factory=lambda: ["none"])
+    eval_block_length: Optional[int] = None  # None: one block (pure diffusion over the response)
 
     def __post_init__(self):
         from .training.rl import RL_METHODS
@@ -95,6 +99,11 @@ class QuickstartConfig:
                 or not set(self.eval_caches) <= set(CACHE_MODES)):
             raise ValueError(f"QuickstartConfig: `eval_caches` must be distinct names of {list(CACHE_MODES)}, got "
                              f"{self.eval_caches!r}")
+        if self.eval_block_length is not None and (isinstance(self.eval_block_length, bool)
+                                                   or not isinstance(self.eval_block_length, int)
+                                                   or self.eval_block_length < 1):
+            raise ValueError(f"QuickstartConfig: `eval_block_length` must be a positive int or None, got "
+                             f"{self.eval_block_length!r}")
         for name in ("seeds", "train_seeds"):
             if not getattr(self, name) or len(set(getattr(self, name))) != len(getattr(self, name)):
                 raise ValueError(f"QuickstartConfig: `{name}` must be a non-empty list of distinct seeds")
@@ -202,6 +211,10 @@ def run_quickstart(config: QuickstartConfig) -> str:
     dataset = SFTDataset.from_records(train, tokenizer, max_prompt_length=64, max_response_length=64)
     gen_length = answer_tokens + 1  # the answer and its EOS
     response_tokens = gen_length + config.post_num  # + the trained pads
+    block_length = config.eval_block_length or gen_length
+    if gen_length % block_length:  # before any training: the evaluation would fail after it
+        raise ValueError(f"QuickstartConfig: `eval_block_length` must divide the decoded length {gen_length} "
+                         f"({title}: the answer and its EOS), got {block_length}")
 
     stage(f"[1/5] {title}: {len(train)} training problems, {len(test_sets)} held-out test sets of "
           f"{config.test_problems}; pre-training a {config.num_layers}-layer bidirectional LM from scratch "
@@ -266,7 +279,8 @@ def run_quickstart(config: QuickstartConfig) -> str:
     rows = []
     for label, adapters in models.items():
         for (cache, alg), column in columns.items():
-            sampler = SamplerConfig(gen_length=gen_length, steps=gen_length, alg=alg, cache=cache)
+            sampler = SamplerConfig(gen_length=gen_length, steps=gen_length, block_length=block_length, alg=alg,
+                                    cache=cache)
             accuracies = [evaluate(adapter, test_sets[seed], sampler, seed=seed, batch_size=256,
                                    desc=f"{label}/{column}")["accuracy"]
                           for adapter in adapters for seed in config.seeds]
@@ -286,9 +300,12 @@ def run_quickstart(config: QuickstartConfig) -> str:
     plot_s_distribution(s_by_model, output_dir / "plots" / "s_distribution_base_vs_agdo.png")
 
     n_train = len(config.train_seeds)
+    decoding = (f"{gen_length} tokens in {gen_length} steps, "
+                + ("one block" if block_length == gen_length else f"blocks of {block_length}"))
     report = (f"# agdo quickstart: {title}, exact-match accuracy % (mean ± std over {n_train} training seeds x "
               f"{len(config.seeds)} held-out test sets of {config.test_problems}; the base: one pre-training x "
-              f"the test sets)\n\n{table}\n\n{passes}\n\nwall clock: {time.monotonic() - started:.0f} s\n")
+              f"the test sets; decoding {decoding})\n\n{table}\n\n{passes}\n\n"
+              f"wall clock: {time.monotonic() - started:.0f} s\n")
     (output_dir / "results.md").write_text(report)
     (output_dir / "results.json").write_text(json.dumps(rows, indent=2))
     stage("done")

@@ -17,7 +17,8 @@ TINY_QUICKSTART = ["task=addition", "digits=1", "train_problems=64", "test_probl
                    "train_seeds=[0, 1]", "pretrain_steps=150", "posttrain_learning_rate=1e-3",
                    "posttrain_steps=3", "batch_size=8", "hidden_size=32", "num_layers=2", "rl_steps=3",
                    "rl_prompts_per_step=4", "rl_num_generations=4",
-                   "rl_methods=[agdo, tracerl, diffu_grpo, coupled, wd1, mdpo]", "eval_caches=[none, prefix]"]
+                   "rl_methods=[agdo, tracerl, diffu_grpo, coupled, wd1, mdpo]", "eval_caches=[none, prefix]",
+                   "eval_block_length=1"]
 RL_LABELS = ["AGDO-RL", "TraceRL", "diffu-GRPO", "coupled GRPO", "wd1", "MDPO"]
 
 
@@ -39,6 +40,13 @@ def test_quickstart_writes_table_models_and_plots(quickstart_run):
     assert len(rows) == 4 * 10 and all(0 <= r["mean"] <= 100 for r in rows)
     assert {r["column"] for r in rows} == {"max_prob", "max_s", "max_prob, prefix cache", "max_s, prefix cache"}
     assert "| | max_prob | max_s | max_prob, prefix cache | max_s, prefix cache |" in report
+    # Blocks of one token decoded in one step each: every step is a block's first, a full forward, so the
+    # prefix cache changes nothing (it would with the default single block of 3 tokens in 3 steps).
+    assert "decoding 3 tokens in 3 steps, blocks of 1)" in report
+    by_cell = {(r["row"], r["column"]): r["mean"] for r in rows}
+    for (row, column), mean in by_cell.items():
+        if "cache" in column:
+            assert mean == by_cell[row, column.split(",")[0]], (row, column)
     # Post-trained rows: 2 training seeds x 2 test sets; the base: its one pre-training x 2 test sets.
     assert all(r["seeds"] == (2 if r["row"] == "base (pre-trained)" else 4) for r in rows)
     assert "| paper's direction | agrees?" in report and "| AGDO-SFT > SFT |" in report
@@ -89,6 +97,14 @@ def test_eval_and_analyze_commands(quickstart_run, tmp_path, capsys):
     main(["analyze", *common, "benchmark=gsm8k", "limit=2", f"output_dir={tmp_path / 'analysis'}"])
     assert len(list((tmp_path / "analysis").glob("*.png"))) == 3
     assert "mean S at commit" in capsys.readouterr().out
+
+
+def test_quickstart_block_length_must_divide_the_answer_before_any_training(tmp_path):
+    # 1-digit sums: 2 answer tokens + EOS = 3 decoded tokens.
+    with pytest.raises(ValueError, match="`eval_block_length` must divide the decoded length 3"):
+        main(["quickstart", f"output_dir={tmp_path}", "digits=1", "train_problems=64", "test_problems=6",
+              "eval_block_length=2"])
+    assert not (tmp_path / "pretrain").exists()
 
 
 def test_cli_rejects_unknown_fields():
@@ -246,7 +262,7 @@ def test_sudoku_problems_are_digit_only_distinct_and_held_out():
 
 @pytest.mark.parametrize("field,value", [("eval_caches", ["none", "full"]), ("eval_caches", []),
                                          ("eval_caches", ["none", "none"]), ("rl_methods", ["agdo", "ppo"]),
-                                         ("task", "chess"), ("seeds", [])])
+                                         ("task", "chess"), ("seeds", []), ("eval_block_length", 0)])
 def test_bad_quickstart_settings_name_the_field(field, value):
     from agdo.quickstart import QuickstartConfig
 
