@@ -41,7 +41,7 @@ def test_quickstart_writes_table_models_and_plots(quickstart_run):
     assert {r["column"] for r in rows} == {"max_prob", "max_s", "max_prob, prefix cache", "max_s, prefix cache"}
     assert "| | max_prob | max_s | max_prob, prefix cache | max_s, prefix cache |" in report
     # Blocks of one token decoded in one step each: every step is a block's first, a full forward, so the
-    # prefix cache changes nothing (it would with the default single block of 3 tokens in 3 steps).
+    # prefix cache changes nothing (with the default single block of 3 tokens in 3 steps it may).
     assert "decoding 3 tokens in 3 steps, blocks of 1)" in report
     by_cell = {(r["row"], r["column"]): r["mean"] for r in rows}
     for (row, column), mean in by_cell.items():
