@@ -179,7 +179,7 @@ class SamplerConfig:
             ``"prefix"`` or ``"dual"`` (Fast-dLLM's; exact on full forwards only: each block's first step
             with a static schedule, not always with ``threshold`` or ``origin``). ``"dual"`` not for LLaDA.
         cache_lookahead: with ``cache="prefix"``, how many masked positions after the block are recomputed
-            with it at every step (the rest keep the K/V of the block's first step, as ``dual`` keeps them);
+            with it at every step (the rest keep the K/V of the window's full forward, as ``dual`` keeps them);
             None (default) = all of them, Fast-dLLM's prefix cache; 0 = ``dual``. Not for LLaDA.
         return_confidences / return_predictions / return_s / return_token_probs: per-step records, see
             :class:`GenerationResult`.
